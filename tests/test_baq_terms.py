@@ -1,0 +1,98 @@
+"""The BAQ terms: Eq. 6 weights, Eq. 10 priorities, and proportional sampling from the buffer."""
+import importlib
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import PIPELINE_SCRIPTS
+
+
+@pytest.fixture(params=PIPELINE_SCRIPTS)
+def script(request):
+    return importlib.import_module(request.param)
+
+
+class FixedPolicy(torch.nn.Module):
+    def __init__(self, action):
+        super().__init__()
+        self.action = torch.tensor(action)
+
+    def forward(self, obs):
+        return self.action.expand(len(obs), -1)
+
+
+def test_weight_and_priority_match_hand_computation(script):
+    # pi_BC(s) = (0.5, -0.5), a = (0.1, 0.3): squared differences 0.16, 0.64
+    divergence = script.bc_divergence(FixedPolicy([0.5, -0.5]), torch.zeros(1, 4), torch.tensor([[0.1, 0.3]]))
+    assert divergence.item() == pytest.approx(0.4)
+    assert script.behavior_weight(divergence, kq=0.2).item() == pytest.approx(math.exp(-2.0))  # Eq. 6
+    # Eq. 10: ||(0.4, -0.8)|| = sqrt(0.8); (sqrt(0.8) / 0.5 + 1)^2
+    rho = script.behavior_priority(divergence, act_dim=2, krho=0.5, alpha=2.0)
+    assert rho.item() == pytest.approx((math.sqrt(0.8) / 0.5 + 1.0) ** 2)
+    assert rho.item() == pytest.approx(7.7777087, rel=1e-6)
+
+
+def test_identical_actions_get_weight_one_and_priority_one(script):
+    divergence = script.bc_divergence(FixedPolicy([0.2, 0.2]), torch.zeros(3, 4), torch.full((3, 2), 0.2))
+    torch.testing.assert_close(script.behavior_weight(divergence, 0.1), torch.ones(3))
+    torch.testing.assert_close(script.behavior_priority(divergence, 2, 0.1, 3.0), torch.ones(3))
+
+
+def make_buffer(script, priorities, capacity=16):
+    buffer = script.ReplayBuffer(capacity, obs_dim=1, act_dim=1, device=torch.device("cpu"), seed=0)
+    n = len(priorities)
+    ids = np.arange(n, dtype=np.float32)[:, None]
+    buffer.add(ids, ids, np.zeros(n), ids, np.zeros(n), np.ones(n), np.asarray(priorities))
+    return buffer
+
+
+def sampled_frequencies(buffer, prioritized, draws=200_000):
+    counts = np.zeros(buffer.size)
+    for _ in range(draws // 10_000):
+        idx, (obs, *_rest) = buffer.sample(10_000, prioritized=prioritized)
+        np.testing.assert_array_equal(obs[:, 0].numpy(), idx.numpy())  # indices and data agree
+        counts += np.bincount(idx.numpy(), minlength=buffer.size)
+    return counts / draws
+
+
+def assert_frequencies(frequencies, probabilities, draws=200_000):
+    tolerance = 5 * np.sqrt(probabilities * (1 - probabilities) / draws)  # 5 standard errors
+    assert np.all(np.abs(frequencies - probabilities) < tolerance), (frequencies, probabilities)
+
+
+def test_prioritized_sampling_follows_rho_also_after_appends(script):
+    priorities = np.array([1.0, 2.0, 3.0, 4.0])
+    buffer = make_buffer(script, priorities)
+    assert_frequencies(sampled_frequencies(buffer, True), priorities / priorities.sum())
+    buffer.add(np.array([[4.0]]), np.array([[4.0]]), [0.0], np.array([[4.0]]), [0.0], [1.0], [10.0])
+    priorities = np.append(priorities, 10.0)
+    assert_frequencies(sampled_frequencies(buffer, True), priorities / priorities.sum())
+
+
+def test_set_behavior_terms_rewrites_the_prefix_sum(script):
+    buffer = make_buffer(script, [1.0, 1.0, 1.0])
+    buffer.set_behavior_terms(torch.tensor([0.5, 0.5, 0.5]), torch.tensor([1.0, 1.0, 6.0]))
+    assert buffer.offline_size == 3
+    torch.testing.assert_close(buffer.priority_prefix_sum[:3], torch.tensor([1.0, 2.0, 8.0], dtype=torch.float64))
+    assert_frequencies(sampled_frequencies(buffer, True), np.array([0.125, 0.125, 0.75]))
+
+
+def test_uniform_sampling_ignores_priorities(script):
+    buffer = make_buffer(script, [1.0, 100.0, 1.0, 1.0])
+    assert_frequencies(sampled_frequencies(buffer, False), np.full(4, 0.25))
+
+
+def test_batch_statistics_count_online_transitions(script):
+    buffer = make_buffer(script, [1.0, 3.0])
+    buffer.set_behavior_terms(torch.tensor([1.0, 0.5]), torch.tensor([1.0, 3.0]))
+    buffer.add(np.array([[2.0]]), np.array([[2.0]]), [0.0], np.array([[2.0]]), [0.0], [0.25], [2.0])
+    w_mean, rho_mean, online_fraction = buffer.behavior_statistics(torch.tensor([0, 1, 2, 2])).tolist()
+    assert (w_mean, rho_mean, online_fraction) == pytest.approx((0.5, 2.0, 0.5))
+
+
+def test_buffer_refuses_overflow(script):
+    buffer = make_buffer(script, [1.0, 1.0], capacity=2)
+    with pytest.raises(ValueError, match="overflow"):
+        buffer.add(np.zeros((1, 1)), np.zeros((1, 1)), [0.0], np.zeros((1, 1)), [0.0], [1.0], [1.0])

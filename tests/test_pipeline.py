@@ -1,0 +1,136 @@
+"""Each fine-tuning script end to end, as a user runs it, on the tiny datasets the tests build."""
+import math
+
+import pytest
+import torch
+
+from conftest import PIPELINE_SCRIPTS, read_scalars
+
+ONLINE_STEPS, LOG_EVERY = 70, 20  # as in conftest.TINY_FLAGS
+REQUIRED_TAGS = ["eval/return", "eval/normalized_score", "eval/q_bias", "charts/SPS", "charts/episodic_return",
+                 "losses/q_loss", "losses/actor_loss", "baq/w_mean", "baq/rho_mean", "baq/online_fraction",
+                 "offline/losses/q_loss", "offline/eval/return", "bc/loss"]
+
+
+@pytest.fixture(scope="module", params=PIPELINE_SCRIPTS)
+def full_run(request, run_script, tmp_path_factory):
+    """One whole pipeline run with every phase: (script file, completed process, run directory)."""
+    script = f"{request.param}.py"
+    result, run_dir = run_script(script, tmp_path_factory.mktemp("full") / "runs")
+    assert result.returncode == 0, result.stderr
+    return script, result, run_dir
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def test_every_phase_updates_and_logs_finite_values(full_run):
+    _, _, run_dir = full_run
+    scalars = read_scalars(run_dir)
+    for tag in REQUIRED_TAGS:
+        assert tag in scalars, f"missing tag {tag}"
+        assert all(math.isfinite(value) for _, value in scalars[tag]), tag
+    assert [s for s, _ in scalars["offline/losses/q_loss"]] == [20, 40, 60]
+    assert [s for s, _ in scalars["bc/loss"]] == [20, 40]
+    # online updates run from the first online step: 20 updates averaged at step 20
+    assert [s for s, _ in scalars["losses/q_loss"]] == [20, 40, 60, ONLINE_STEPS]
+    assert [s for s, _ in scalars["eval/return"]] == [0, 30, 60, ONLINE_STEPS]
+    assert all(0 < w < 1 for _, w in scalars["baq/w_mean"])  # BAQ weights are on by default
+    assert all(rho > 1 for _, rho in scalars["baq/rho_mean"])
+    assert 0 < scalars["baq/online_fraction"][-1][1] < 1
+
+
+def test_checkpoints_describe_themselves_and_hold_trained_networks(full_run):
+    script, _, run_dir = full_run
+    offline, bc, final = (load(run_dir / f"{name}.pt") for name in ("offline", "bc", "final"))
+    algorithm = script.removeprefix("baq_").removesuffix(".py")
+    assert (offline["kind"], offline["algorithm"], bc["kind"], final["kind"]) == ("offline", algorithm, "bc", "final")
+    for checkpoint in (offline, bc, final):
+        assert checkpoint["dataset_id"] == "baq/hopper/tiny-v0"
+        assert (checkpoint["obs_dim"], checkpoint["act_dim"]) == (11, 3)
+        assert checkpoint["obs_mean"].shape == (11,) and checkpoint["reward_scale"] > 0
+        assert checkpoint["args"]["online_steps"] == ONLINE_STEPS
+    assert final["online_updates"] == ONLINE_STEPS and final["kq"] > 0 and final["krho"] > 0
+    changed = [not torch.equal(final["state_dict"]["agent"][k], v) for k, v in offline["state_dict"]["agent"].items()]
+    assert any(changed), "online fine-tuning changed no parameter"
+    for key, value in bc["state_dict"].items():
+        assert torch.equal(final["state_dict"]["bc_policy"][key], value)  # pi_BC stays frozen
+    assert not list(run_dir.glob("*.tmp"))
+
+
+def test_same_seed_same_result(full_run, run_script, tmp_path):
+    script, _, first_dir = full_run
+    result, second_dir = run_script(script, tmp_path / "runs")
+    assert result.returncode == 0, result.stderr
+    first, second = load(first_dir / "final.pt"), load(second_dir / "final.pt")
+    for key, value in first["state_dict"]["agent"].items():
+        assert torch.equal(value, second["state_dict"]["agent"][key]), key
+    assert read_scalars(first_dir)["eval/return"] == read_scalars(second_dir)["eval/return"]
+
+
+def test_checkpoints_skip_their_phases(full_run, run_script, tmp_path):
+    script, _, first_dir = full_run
+    result, run_dir = run_script(script, tmp_path / "runs", "--offline-checkpoint", str(first_dir / "offline.pt"),
+                                 "--bc-checkpoint", str(first_dir / "bc.pt"))
+    assert result.returncode == 0, result.stderr
+    assert "offline phase skipped" in result.stdout and "BC phase skipped" in result.stdout
+    assert not (run_dir / "offline.pt").exists() and not (run_dir / "bc.pt").exists()
+    scalars = read_scalars(run_dir)
+    assert not any(tag.startswith(("offline/", "bc/")) for tag in scalars)
+    # the loaded offline agent is what is evaluated at online step 0
+    assert scalars["eval/return"][0] == read_scalars(first_dir)["eval/return"][0]
+    final = load(run_dir / "final.pt")
+    for key, value in load(first_dir / "bc.pt")["state_dict"].items():
+        assert torch.equal(final["state_dict"]["bc_policy"][key], value)
+
+
+def test_switches_off_give_unit_weights_and_uniform_sampling(full_run, run_script, tmp_path):
+    script, _, _ = full_run
+    result, run_dir = run_script(script, tmp_path / "runs", "--no-weighted-loss", "--no-priority-sampling")
+    assert result.returncode == 0, result.stderr
+    scalars = read_scalars(run_dir)
+    assert all(w == 1.0 for _, w in scalars["baq/w_mean"])
+    # Default k_rho and alpha = 1 give the offline data a mean rho of exactly 2. Uniform batches keep that
+    # mean; proportional sampling draws E[rho^2] / E[rho] = 2 + Var(rho) / 2 > 2 (see test_every_phase...).
+    uniform_rho = [rho for _, rho in scalars["baq/rho_mean"]]
+    assert sum(uniform_rho) / len(uniform_rho) == pytest.approx(2.0, abs=0.05)
+    prioritized_rho = [rho for _, rho in read_scalars(full_run[2])["baq/rho_mean"]]
+    assert sum(prioritized_rho) / len(prioritized_rho) > sum(uniform_rho) / len(uniform_rho) + 0.02
+
+
+@pytest.mark.parametrize("script", [f"{name}.py" for name in PIPELINE_SCRIPTS])
+@pytest.mark.parametrize("env_id, words", [
+    ("baq/hopper/missing-v0", ["'baq/hopper/missing-v0'", "not in the local Minari store", "cannot be downloaded",
+                               "python benchmark/make_dataset.py --env hopper"]),
+    ("hopper-medium-v2", ["'mujoco/hopper/medium-v0'", "cannot be downloaded", "--env-id baq/hopper/medium-v0"]),
+    ("hopper-medium-replay-v2", ["no official Minari counterpart", "baq/hopper/medium-replay-v0"]),
+    ("hoper-medium-v2x", ["is neither a D4RL name", "Check the spelling"]),
+])
+def test_unusable_datasets_exit_with_one_clear_paragraph(run_script, tmp_path, script, env_id, words):
+    result, run_dir = run_script(script, tmp_path / "runs", env_id=env_id)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    message = result.stderr.strip()
+    assert message.startswith("error: ") and "\n" not in message
+    for word in words:
+        assert word in message
+    assert run_dir is None  # nothing written for a run that could not start
+
+
+def test_mismatched_checkpoints_are_refused(full_run, run_script, tmp_path):
+    script, _, first_dir = full_run
+    cases = [
+        (["--offline-checkpoint", str(first_dir / "bc.pt")], "baq/hopper/tiny-v0", ["holds a bc checkpoint", "needs a offline checkpoint"]),
+        (["--bc-checkpoint", str(first_dir / "offline.pt")], "baq/hopper/tiny-v0", ["holds a offline checkpoint", "needs a bc checkpoint"]),
+        (["--offline-checkpoint", str(first_dir / "offline.pt")], "baq/hopper/other-v0", ["dataset_id 'baq/hopper/tiny-v0'", "'baq/hopper/other-v0'"]),
+        (["--bc-checkpoint", str(tmp_path / "nothing.pt")], "baq/hopper/tiny-v0", ["no such file"]),
+    ]
+    (tmp_path / "garbage.pt").write_text("not a checkpoint")
+    cases.append((["--offline-checkpoint", str(tmp_path / "garbage.pt")], "baq/hopper/tiny-v0", ["not a readable checkpoint"]))
+    for flags, env_id, words in cases:
+        result, _ = run_script(script, tmp_path / "runs", *flags, env_id=env_id)
+        assert result.returncode != 0, flags
+        assert "Traceback" not in result.stderr
+        for word in words:
+            assert word in result.stderr, (flags, result.stderr)
