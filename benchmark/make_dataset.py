@@ -155,6 +155,7 @@ def collect(env_name, policy, num_transitions, num_envs, max_episode_steps, seed
     envs = gym.vector.SyncVectorEnv([lambda: make_env(env_name, max_episode_steps)] * num_envs,
                                     autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
     envs.action_space.seed(seed)
+    torch.manual_seed(seed)  # the policy's action noise: the same seed gives the same dataset
     obs, _ = envs.reset(seed=seed)
     open_episodes = [new_episode(o) for o in obs]
     finished = np.zeros(num_envs, bool)
@@ -249,6 +250,7 @@ def train(env_name, args: Args):
     targets = {"medium": args.medium_return or D4RL_MEDIUM_RETURN[env_name]}
     if args.expert:
         targets["expert"] = args.expert_return or D4RL_EXPERT_RETURN[env_name]
+    torch.manual_seed(args.seed)
     agent = SAC(obs_dim, act_dim, args)
     replay = {"observations": np.zeros((args.max_steps, obs_dim), np.float32),
               "next_observations": np.zeros((args.max_steps, obs_dim), np.float32),
@@ -257,13 +259,13 @@ def train(env_name, args: Args):
     state = {"step": 0, "episodes": 0, "evaluations": [], "elapsed": 0.0, "reached": {}}
     checkpoint_path = os.path.join(args.work_dir, f"{env_name}-sac-seed{args.seed}.pt")
     if os.path.exists(checkpoint_path):
-        checkpoint = torch.load(checkpoint_path, weights_only=False)
+        checkpoint = torch.load(checkpoint_path, weights_only=True)
         agent.load_state_dict(checkpoint["agent"])
         for name in ("critic_optimizer", "actor_optimizer", "alpha_optimizer"):
             getattr(agent, name).load_state_dict(checkpoint[name])
         state = checkpoint["state"]
         for k in replay:
-            replay[k][: state["step"]] = checkpoint["replay"][k]
+            replay[k][: state["step"]] = checkpoint["replay"][k].numpy()
         print(f"{env_name}: resumed from {checkpoint_path} at step {state['step']}")
 
     def reseed():
@@ -278,7 +280,7 @@ def train(env_name, args: Args):
     def save_checkpoint():
         save_atomically({"agent": agent.state_dict(), **{n: getattr(agent, n).state_dict() for n in
                          ("critic_optimizer", "actor_optimizer", "alpha_optimizer")}, "state": state,
-                         "replay": {k: v[: state["step"]] for k, v in replay.items()}},
+                         "replay": {k: torch.from_numpy(v[: state["step"]]) for k, v in replay.items()}},
                         checkpoint_path)
 
     def save_policy(level, mean_return):
@@ -298,12 +300,11 @@ def train(env_name, args: Args):
     start = time.time() - state["elapsed"]
     while pending:
         step = state["step"]
-        if step >= args.max_steps:
-            save_checkpoint()
+        if step >= args.max_steps:  # no checkpoint here: checkpoints stay on episode boundaries
             raise SystemExit(
                 f"error: SAC on {env_name} did not reach the {pending[0]} return {targets[pending[0]]:.0f} within --max-steps "
                 f"{args.max_steps} (last stochastic return {last_eval:.1f}). Rerun with a larger --max-steps: training "
-                f"continues from {checkpoint_path}.")
+                f"continues from the last checkpoint in {args.work_dir} (step {last_checkpoint}).")
         if step < args.learning_starts:
             action = env.action_space.sample()
         else:

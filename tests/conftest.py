@@ -80,10 +80,10 @@ def run_script(minari_store):
     """Run a top-level script as a user does (a subprocess with flags) on the tiny datasets.
     Returns the completed process and the run directory it wrote (None when it wrote none)."""
 
-    def run(script: str, runs_dir: Path, *flags: str, env_id: str = "baq/hopper/tiny-v0", tiny: bool = True):
+    def run(script: str, runs_dir: Path, *flags: str, env_id: str = "baq/hopper/tiny-v0", tiny: bool = True, store=None):
         command = [sys.executable, str(ROOT / script), "--env-id", env_id, "--runs-dir", str(runs_dir),
                    *(TINY_FLAGS if tiny else []), *flags]
-        environment = {**os.environ, "MINARI_DATASETS_PATH": str(minari_store), "PYTHONWARNINGS": "ignore"}
+        environment = {**os.environ, "MINARI_DATASETS_PATH": str(store or minari_store), "PYTHONWARNINGS": "ignore"}
         result = subprocess.run(command, capture_output=True, text=True, env=environment, timeout=600, cwd=runs_dir.parent)
         run_dirs = sorted(runs_dir.iterdir()) if runs_dir.exists() else []
         return result, run_dirs[-1] if run_dirs else None

@@ -1,0 +1,139 @@
+# Updates per second of each phase of the fine-tuning scripts, side by side, and the cost of BAQ's
+# weights and priorities against plain fine-tuning. Halfcheetah sizes (obs 17, actions 6), batch
+# 256, a 1M-transition buffer of synthetic data: the arithmetic and memory traffic of a real run
+# without the environment.
+#
+#   python benchmark/speed.py                      # writes benchmark/results/speed.md
+import importlib
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import List
+
+import numpy as np
+import torch
+import tyro
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+@dataclass
+class Args:
+    scripts: List[str] = field(default_factory=lambda: ["baq_iql"])
+    """fine-tuning scripts to measure (module names)"""
+    threads: int = 2
+    """torch threads (the peer figures are for 2)"""
+    offline_size: int = 1_000_000
+    """offline transitions in the buffer"""
+    obs_dim: int = 17
+    """observation size (halfcheetah)"""
+    act_dim: int = 6
+    """action size (halfcheetah)"""
+    updates: int = 1_000
+    """timed updates per measurement (after warm-up)"""
+    warmup: int = 50
+    """untimed updates first (includes torch.compile's compilation)"""
+    cuda: bool = True
+    """also measure on CUDA when it is available"""
+    output: str = os.path.join(ROOT, "benchmark", "results", "speed.md")
+    """markdown table written here"""
+
+
+def filled_buffer(script, args: Args, device):
+    generator = np.random.default_rng(0)
+    n = args.offline_size
+    buffer = script.ReplayBuffer(n + args.updates + args.warmup, args.obs_dim, args.act_dim, device, seed=0)
+    obs = generator.standard_normal((n, args.obs_dim), dtype=np.float32)
+    actions = generator.uniform(-1, 1, (n, args.act_dim)).astype(np.float32)
+    buffer.add(obs, actions, generator.standard_normal(n), np.roll(obs, -1, 0), np.zeros(n), np.ones(n), np.ones(n))
+    return buffer
+
+
+def rate(step, args: Args, device):
+    """Calls of `step` per second, synchronizing the device only at the ends."""
+    for _ in range(args.warmup):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(args.updates):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return args.updates / (time.perf_counter() - start)
+
+
+def measure(script, args: Args, device, compile: bool):
+    """{phase: updates per second} for one script."""
+    torch.manual_seed(0)
+    script_args = script.Args(compile=compile, batch_size=256)
+    buffer = filled_buffer(script, args, device)
+    agent = getattr(script, script.ALGORITHM.upper())(args.obs_dim, args.act_dim, 1.0, script_args).to(device)
+    unit_weights = torch.ones(256, device=device)
+    results = {"offline": rate(lambda: agent.update(buffer.sample(256)[1], unit_weights), args, device)}
+
+    bc_policy = script.GaussianPolicy(args.obs_dim, args.act_dim, script_args.hidden_dim, 1.0).to(device)
+    bc_optimizer = torch.optim.Adam(bc_policy.parameters(), lr=3e-4)
+
+    def bc_step():
+        obs, actions, *_ = buffer.sample(256)[1]
+        loss = -bc_policy.log_prob(obs, actions).mean()
+        bc_optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        bc_optimizer.step()
+
+    results["bc"] = rate(bc_step, args, device)
+    bc_policy.requires_grad_(False)
+    n_metrics = len(agent.METRICS) + 3
+    metric_sum = torch.zeros(n_metrics, device=device)
+    transition = torch.randn(1, args.obs_dim, device=device)
+
+    def online_step(baq: bool):
+        # what the online loop does per environment step, without the environment itself
+        action = agent.act(transition, deterministic=False)
+        if baq:
+            divergence = script.bc_divergence(bc_policy, transition, action)
+            weight, priority = script.behavior_weight(divergence, 0.1), script.behavior_priority(divergence, args.act_dim, 0.5, 1.0)
+        else:
+            weight = priority = torch.ones(1, device=device)
+        buffer.add(transition, action, [0.0], transition, [0.0], weight, priority)
+        idx, batch = buffer.sample(256, prioritized=baq)
+        metric_sum.add_(torch.cat([agent.update(batch, buffer.weights[idx]), buffer.behavior_statistics(idx)]))
+
+    for name, baq in (("online (plain)", False), ("online (BAQ)", True)):
+        buffer.size = args.offline_size  # the same buffer contents for both
+        results[name] = rate(lambda: online_step(baq), args, device)
+    return results
+
+
+def main(args: Args):
+    torch.set_num_threads(args.threads)
+    devices = [torch.device("cpu")] + ([torch.device("cuda")] if args.cuda and torch.cuda.is_available() else [])
+    rows = []
+    for name in args.scripts:
+        script = importlib.import_module(name)
+        for device in devices:
+            for compile in (False, True):
+                results = measure(script, args, device, compile)
+                rows.append((f"{name}.py", device.type, "compiled" if compile else "eager", results))
+                print(f"{name} {device.type} {'compiled' if compile else 'eager'}: " +
+                      ", ".join(f"{phase} {value:.1f}/s" for phase, value in results.items()), flush=True)
+    phases = list(rows[0][3])
+    lines = [f"Updates per second, halfcheetah sizes (obs {args.obs_dim}, actions {args.act_dim}), batch 256, "
+             f"{args.offline_size:,} offline transitions, {args.threads} torch threads, {platform.processor() or platform.machine()}, "
+             f"torch {torch.__version__}. BAQ cost = online (BAQ) / online (plain) - 1.", "",
+             "| script | device | mode | " + " | ".join(phases) + " | BAQ cost |", "|" + "---|" * (len(phases) + 4)]
+    for script, device, mode, results in rows:
+        cost = results["online (plain)"] / results["online (BAQ)"] - 1.0
+        lines.append(f"| {script} | {device} | {mode} | " + " | ".join(f"{results[p]:.1f}" for p in phases) + f" | {100 * cost:+.1f}% |")
+    os.makedirs(os.path.dirname(args.output), exist_ok=True)
+    with open(args.output, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))

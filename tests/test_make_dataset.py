@@ -1,0 +1,107 @@
+"""benchmark/make_dataset.py on a tiny budget: datasets, rebuild from a policy, exact resume."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import PIPELINE_SCRIPTS, ROOT
+
+TINY_SAC = ["--max-episode-steps", "50", "--learning-starts", "100", "--eval-every", "100", "--eval-episodes", "3",
+            "--num-envs", "4", "--hidden-dim", "32", "--batch-size", "32", "--checkpoint-every", "150", "--threads", "1"]
+
+
+def make_dataset(tmp_path, store, *flags):
+    command = [sys.executable, str(ROOT / "benchmark" / "make_dataset.py"), "--env", "hopper",
+               "--work-dir", str(tmp_path / "work"), "--policy-dir", str(tmp_path / "policies"), *TINY_SAC, *flags]
+    environment = {**os.environ, "MINARI_DATASETS_PATH": str(store), "PYTHONWARNINGS": "ignore"}
+    return subprocess.run(command, capture_output=True, text=True, env=environment, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """A tiny training that reaches its (tiny) medium return, and the datasets it wrote."""
+    tmp_path = tmp_path_factory.mktemp("make_dataset")
+    store = tmp_path / "store"
+    result = make_dataset(tmp_path, store, "--medium-return", "-1000", "--max-steps", "2000", "--num-transitions", "1500")
+    assert result.returncode == 0, result.stderr
+    return tmp_path, store, result
+
+
+def load_episodes(store, dataset_id):
+    os.environ["MINARI_DATASETS_PATH"] = str(store)
+    import minari
+
+    dataset = minari.load_dataset(dataset_id)
+    return dataset, list(dataset.iterate_episodes())
+
+
+@pytest.mark.parametrize("level, transitions", [("medium", 1500), ("random", 1500), ("medium-replay", 100)])
+def test_datasets_follow_the_d4rl_protocol(built, level, transitions):
+    _, store, _ = built
+    dataset, episodes = load_episodes(store, f"baq/hopper/{level}-v0")
+    assert dataset.total_steps == sum(len(e.actions) for e in episodes) == transitions
+    assert dataset.storage.metadata["ref_min_score"] == -20.272305 and dataset.storage.metadata["ref_max_score"] == 3234.3
+    assert "SAC" in dataset.storage.metadata["algorithm_name"] and "transitions" in dataset.storage.metadata["description"]
+    for episode in episodes:  # each episode ends once, at its last step (a termination on the time limit's step has both flags)
+        ends = episode.terminations | episode.truncations
+        assert ends[-1] and not ends[:-1].any()
+        assert len(episode.observations) == len(episode.actions) + 1
+        assert len(episode.actions) <= 50
+    assert any(e.truncations[-1] for e in episodes)
+    assert dataset.recover_environment().spec.id == "Hopper-v5"
+
+
+def test_medium_policy_is_saved_with_its_training_record(built):
+    tmp_path, _, result = built
+    saved = torch.load(tmp_path / "policies" / "hopper-medium.pt", weights_only=True)
+    assert saved["sac_steps"] == 100 and saved["stochastic_return"] >= -1000  # reached at the first evaluation
+    assert "medium policy at step 100" in result.stdout + result.stderr
+
+
+def test_from_policy_rebuilds_the_same_datasets(built):
+    tmp_path, store, _ = built
+    _, before = load_episodes(store, "baq/hopper/medium-v0")
+    result = make_dataset(tmp_path, store, "--from-policy", "--num-transitions", "1500")
+    assert result.returncode == 0, result.stderr
+    assert "SAC hopper" not in result.stderr  # no training
+    _, after = load_episodes(store, "baq/hopper/medium-v0")
+    assert len(before) == len(after)
+    for a, b in zip(before, after):
+        np.testing.assert_array_equal(a.actions, b.actions)
+        np.testing.assert_array_equal(a.observations, b.observations)
+
+
+def test_missing_policy_is_reported(tmp_path):
+    result = make_dataset(tmp_path, tmp_path / "store", "--from-policy")
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "hopper-medium.pt" in result.stderr and "python benchmark/make_dataset.py --env hopper" in result.stderr
+
+
+def test_interrupted_training_resumes_exactly(tmp_path):
+    unreachable = ["--medium-return", "1e9"]
+    whole = make_dataset(tmp_path / "whole", tmp_path / "store", *unreachable, "--max-steps", "700")
+    assert whole.returncode != 0 and "did not reach the medium return" in whole.stderr and "Traceback" not in whole.stderr
+    first = make_dataset(tmp_path / "split", tmp_path / "store", *unreachable, "--max-steps", "350")
+    assert first.returncode != 0
+    second = make_dataset(tmp_path / "split", tmp_path / "store", *unreachable, "--max-steps", "700")
+    assert "resumed from" in second.stdout + second.stderr
+    a = torch.load(tmp_path / "whole" / "work" / "hopper-sac-seed0.pt", weights_only=True)
+    b = torch.load(tmp_path / "split" / "work" / "hopper-sac-seed0.pt", weights_only=True)
+    assert a["state"]["step"] == b["state"]["step"] > 350
+    for key, value in a["agent"].items():
+        assert torch.equal(value, b["agent"][key]), key
+    for key, value in a["replay"].items():
+        assert torch.equal(value, b["replay"][key]), key
+
+
+@pytest.mark.parametrize("script", PIPELINE_SCRIPTS)
+def test_fine_tuning_runs_on_generated_datasets(built, run_script, tmp_path, script):
+    _, store, _ = built
+    os.environ["MINARI_DATASETS_PATH"] = str(store)
+    for level in ("medium", "medium-replay"):
+        result, run_dir = run_script(f"{script}.py", tmp_path / "runs", env_id=f"baq/hopper/{level}-v0", store=store)
+        assert result.returncode == 0, result.stderr
+        assert (run_dir / "final.pt").exists()
