@@ -225,7 +225,7 @@ def load_offline_data(env_id: str):
     if not (np.allclose(action_space.low, -action_space.high) and np.allclose(action_space.high, action_space.high[0])):
         fail(f"--env-id {env_id!r}: BAQ's tanh policies need a symmetric action box [-c, c]; the dataset has {action_space}.")
     metadata = datasets[0].storage.metadata
-    env_name = datasets[0].recover_environment().spec.id.split("-")[0].lower()
+    env_name = datasets[0].spec.env_spec.id.split("-")[0].lower()
     if metadata.get("ref_min_score") is not None and metadata.get("ref_max_score") is not None:
         ref_scores = (float(metadata["ref_min_score"]), float(metadata["ref_max_score"]))
     else:
@@ -515,7 +515,7 @@ def load_checkpoint(path: str, flag: str, kind: str, algorithm: str, context: di
             f"{flag} needs a {kind} checkpoint of {algorithm.upper()}. Pass the `{kind}.pt` of a "
             f"{'BC' if kind == 'bc' else algorithm.upper()} run."
         )
-    for key in ("dataset_id", "obs_dim", "act_dim"):
+    for key in ("dataset_id", "obs_dim", "act_dim", "hidden_dim"):
         if checkpoint[key] != context[key]:
             fail(
                 f"{flag} {path!r} was made for {key} {checkpoint[key]!r}, but this run has {context[key]!r}. "
@@ -573,7 +573,7 @@ def main(args: Args):
     # --- data ---------------------------------------------------------------------------------
     data, make_env, ref_scores, max_action = load_offline_data(args.env_id)
     obs_dim, act_dim = data["observations"].shape[1], data["actions"].shape[1]
-    context = {"dataset_id": args.env_id, "obs_dim": obs_dim, "act_dim": act_dim}
+    context = {"dataset_id": args.env_id, "obs_dim": obs_dim, "act_dim": act_dim, "hidden_dim": args.hidden_dim}
     offline_checkpoint = bc_checkpoint = None
     if args.offline_checkpoint:
         offline_checkpoint = load_checkpoint(args.offline_checkpoint, "--offline-checkpoint", "offline", ALGORITHM, context)

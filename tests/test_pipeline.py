@@ -125,6 +125,7 @@ def test_mismatched_checkpoints_are_refused(full_run, run_script, tmp_path):
         (["--bc-checkpoint", str(first_dir / "offline.pt")], "baq/hopper/tiny-v0", ["holds a offline checkpoint", "needs a bc checkpoint"]),
         (["--offline-checkpoint", str(first_dir / "offline.pt")], "baq/hopper/other-v0", ["dataset_id 'baq/hopper/tiny-v0'", "'baq/hopper/other-v0'"]),
         (["--bc-checkpoint", str(tmp_path / "nothing.pt")], "baq/hopper/tiny-v0", ["no such file"]),
+        (["--offline-checkpoint", str(first_dir / "offline.pt"), "--hidden-dim", "16"], "baq/hopper/tiny-v0", ["hidden_dim 32", "this run has 16"]),
     ]
     (tmp_path / "garbage.pt").write_text("not a checkpoint")
     cases.append((["--offline-checkpoint", str(tmp_path / "garbage.pt")], "baq/hopper/tiny-v0", ["not a readable checkpoint"]))
