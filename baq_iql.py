@@ -47,7 +47,7 @@ class Args:
     online_steps: int = 30_000
     """online environment steps of fine-tuning, one gradient update each (the paper's Table 1 budget)"""
     offline_checkpoint: Optional[str] = None
-    """an `offline.pt` of an earlier IQL run on the same dataset: skips offline pretraining"""
+    """an `offline.pt` of an earlier run of this algorithm on the same dataset: skips offline pretraining"""
     bc_checkpoint: Optional[str] = None
     """a `bc.pt` of an earlier run on the same dataset: skips behavior cloning"""
 
@@ -251,7 +251,7 @@ def mlp(in_dim: int, out_dim: int, hidden_dim: int, n_hidden: int) -> nn.Sequent
 
 
 class GaussianPolicy(nn.Module):
-    """Gaussian with a tanh-bounded mean and a state-independent log-std (pi_BC; IQL's actor)."""
+    """Gaussian with a tanh-bounded mean and a state-independent log-std: pi_BC of Eq. 2."""
 
     def __init__(self, obs_dim: int, act_dim: int, hidden_dim: int, max_action: float):
         super().__init__()
@@ -401,6 +401,8 @@ def iql_actor_loss(log_prob, advantage, beta: float, exp_adv_max: float):
 
 
 class IQL(nn.Module):
+    """IQL's actor (the same Gaussian policy as pi_BC), twin Q and V, trained by one optimizer."""
+
     METRICS = ("q_loss", "value_loss", "actor_loss", "q_values")
 
     def __init__(self, obs_dim, act_dim, max_action, args: Args):
@@ -422,6 +424,10 @@ class IQL(nn.Module):
 
     def set_actor_lr(self, lr: float):
         self.optimizer.param_groups[0]["lr"] = lr
+
+    def start_online(self):
+        """The offline cosine schedule ends with the offline phase: a constant actor lr online."""
+        self.set_actor_lr(self.args.actor_lr)
 
     def losses(self, obs, actions, rewards, next_obs, terminals, weights):
         args = self.args
@@ -453,6 +459,9 @@ class IQL(nn.Module):
     @torch.no_grad()
     def q_value(self, obs, actions):
         return self.qf(obs, actions).min(0).values
+
+
+Agent = IQL
 
 
 # ---------------------------------------------------------------------------------------------
@@ -511,9 +520,9 @@ def load_checkpoint(path: str, flag: str, kind: str, algorithm: str, context: di
         fail(f"{flag} {path!r} is not a BAQ checkpoint. Pass an `{kind}.pt` written by an earlier run.")
     if checkpoint["kind"] != kind or checkpoint["algorithm"] != algorithm:
         fail(
-            f"{flag} {path!r} holds a {checkpoint['kind']} checkpoint of {checkpoint['algorithm'].upper()}, but "
-            f"{flag} needs a {kind} checkpoint of {algorithm.upper()}. Pass the `{kind}.pt` of a "
-            f"{'BC' if kind == 'bc' else algorithm.upper()} run."
+            f"{flag} {path!r} holds a checkpoint of kind {checkpoint['kind']!r} made by {checkpoint['algorithm'].upper()}, "
+            f"but {flag} needs kind {kind!r} made by {algorithm.upper()}. Pass the `{kind}.pt` written by "
+            f"{'any run' if kind == 'bc' else f'an earlier {algorithm.upper()} run'}."
         )
     for key in ("dataset_id", "obs_dim", "act_dim", "hidden_dim"):
         if checkpoint[key] != context[key]:
@@ -621,28 +630,28 @@ def main(args: Args):
             score = f", normalized score {normalized_score(returns.mean(), ref_scores):.1f}"
         print(f"{prefix or 'online/'}step {step}: return {returns.mean():.1f} +/- {returns.std():.1f}{score}, Q bias {q_bias:.1f}")
 
-    # --- offline IQL pretraining --------------------------------------------------------------
-    agent = IQL(obs_dim, act_dim, max_action, args).to(device)
+    # --- offline pretraining ------------------------------------------------------------------
+    agent = Agent(obs_dim, act_dim, max_action, args).to(device)
     if offline_checkpoint:
         agent.load_state_dict(offline_checkpoint["state_dict"]["agent"])
         agent.optimizer.load_state_dict(offline_checkpoint["state_dict"]["optimizer"])
         print(f"offline phase skipped: loaded {args.offline_checkpoint}")
     else:
-        metric_sum, start = torch.zeros(len(IQL.METRICS), device=device), time.time()
+        metric_sum, start = torch.zeros(len(Agent.METRICS), device=device), time.time()
         unit_weights = torch.ones(args.batch_size, device=device)
         for step in range(1, args.offline_steps + 1):
             # cosine decay of the actor lr, ending with the offline phase
             agent.set_actor_lr(args.actor_lr * 0.5 * (1.0 + math.cos(math.pi * (step - 1) / args.offline_steps)))
             metric_sum += agent.update(buffer.sample(args.batch_size)[1], unit_weights)
             if step % args.log_every == 0 or step == args.offline_steps:
-                log_metrics(writer, "offline/losses/", IQL.METRICS, metric_sum, step % args.log_every or args.log_every, step)
+                log_metrics(writer, "offline/losses/", Agent.METRICS, metric_sum, step % args.log_every or args.log_every, step)
                 writer.add_scalar("offline/charts/SPS", int(step / (time.time() - start)), step)
                 metric_sum.zero_()
             if (args.offline_eval_every and step % args.offline_eval_every == 0) or step == args.offline_steps:
                 run_evaluation("offline/", step)
         save_checkpoint(os.path.join(run_dir, "offline.pt"), "offline", ALGORITHM,
                         {"agent": agent.state_dict(), "optimizer": agent.optimizer.state_dict()}, context, args)
-    agent.set_actor_lr(args.actor_lr)
+    agent.start_online()
 
     # --- behavior-cloning reference pi_BC (Eq. 2) ---------------------------------------------
     bc_policy = GaussianPolicy(obs_dim, act_dim, args.hidden_dim, max_action).to(device)
@@ -674,7 +683,7 @@ def main(args: Args):
     env.action_space.seed(args.seed)
     obs, _ = env.reset(seed=args.seed)
     episode_return, episode_length = 0.0, 0
-    metric_tags = [f"losses/{name}" for name in IQL.METRICS] + ["baq/w_mean", "baq/rho_mean", "baq/online_fraction"]
+    metric_tags = [f"losses/{name}" for name in Agent.METRICS] + ["baq/w_mean", "baq/rho_mean", "baq/online_fraction"]
     metric_sum, start = torch.zeros(len(metric_tags), device=device), time.time()
     for step in range(args.online_steps):
         if step % args.eval_every == 0:

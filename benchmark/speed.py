@@ -71,7 +71,7 @@ def measure(script, args: Args, device, compile: bool):
     torch.manual_seed(0)
     script_args = script.Args(compile=compile, batch_size=256)
     buffer = filled_buffer(script, args, device)
-    agent = getattr(script, script.ALGORITHM.upper())(args.obs_dim, args.act_dim, 1.0, script_args).to(device)
+    agent = script.Agent(args.obs_dim, args.act_dim, 1.0, script_args).to(device)
     unit_weights = torch.ones(256, device=device)
     results = {"offline": rate(lambda: agent.update(buffer.sample(256)[1], unit_weights), args, device)}
 

@@ -68,7 +68,7 @@ def minari_store(tmp_path_factory):
 
 
 # Scripts that share the data, BAQ-term, buffer, evaluation and checkpoint code (identical text).
-PIPELINE_SCRIPTS = ["baq_iql"]
+PIPELINE_SCRIPTS = ["baq_iql", "baq_cql"]
 
 TINY_FLAGS = ["--offline-steps", "60", "--bc-steps", "40", "--online-steps", "70", "--eval-every", "30",
               "--offline-eval-every", "30", "--eval-episodes", "2", "--log-every", "20", "--batch-size", "32",

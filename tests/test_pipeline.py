@@ -121,8 +121,8 @@ def test_unusable_datasets_exit_with_one_clear_paragraph(run_script, tmp_path, s
 def test_mismatched_checkpoints_are_refused(full_run, run_script, tmp_path):
     script, _, first_dir = full_run
     cases = [
-        (["--offline-checkpoint", str(first_dir / "bc.pt")], "baq/hopper/tiny-v0", ["holds a bc checkpoint", "needs a offline checkpoint"]),
-        (["--bc-checkpoint", str(first_dir / "offline.pt")], "baq/hopper/tiny-v0", ["holds a offline checkpoint", "needs a bc checkpoint"]),
+        (["--offline-checkpoint", str(first_dir / "bc.pt")], "baq/hopper/tiny-v0", ["kind 'bc' made by BC", "needs kind 'offline'"]),
+        (["--bc-checkpoint", str(first_dir / "offline.pt")], "baq/hopper/tiny-v0", ["kind 'offline'", "needs kind 'bc' made by BC"]),
         (["--offline-checkpoint", str(first_dir / "offline.pt")], "baq/hopper/other-v0", ["dataset_id 'baq/hopper/tiny-v0'", "'baq/hopper/other-v0'"]),
         (["--bc-checkpoint", str(tmp_path / "nothing.pt")], "baq/hopper/tiny-v0", ["no such file"]),
         (["--offline-checkpoint", str(first_dir / "offline.pt"), "--hidden-dim", "16"], "baq/hopper/tiny-v0", ["hidden_dim 32", "this run has 16"]),
@@ -135,3 +135,13 @@ def test_mismatched_checkpoints_are_refused(full_run, run_script, tmp_path):
         assert "Traceback" not in result.stderr
         for word in words:
             assert word in result.stderr, (flags, result.stderr)
+
+
+def test_offline_checkpoint_of_the_other_algorithm_is_refused(run_script, tmp_path):
+    made, iql_dir = run_script("baq_iql.py", tmp_path / "iql", "--online-steps", "0")
+    assert made.returncode == 0, made.stderr
+    result, _ = run_script("baq_cql.py", tmp_path / "cql", "--offline-checkpoint", str(iql_dir / "offline.pt"))
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "made by IQL" in result.stderr and "made by CQL" in result.stderr
+    bc_from_iql, _ = run_script("baq_cql.py", tmp_path / "cql", "--bc-checkpoint", str(iql_dir / "bc.pt"), "--online-steps", "5")
+    assert bc_from_iql.returncode == 0, bc_from_iql.stderr  # pi_BC is the same in both scripts

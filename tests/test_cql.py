@@ -1,0 +1,107 @@
+"""CQL's losses with the BAQ weight (Eqs. 3, 7) against hand-computed values."""
+import copy
+import math
+
+import pytest
+import torch
+
+import baq_cql
+
+
+def test_weighted_bellman_term_eq7():
+    # targets (2, 0); squared errors critic 1: 1, 4; critic 2: 1, 0; weights (0.5, 1)
+    q_data = torch.tensor([[1.0, 2.0], [3.0, 0.0]])
+    loss = baq_cql.cql_bellman_loss(q_data, torch.tensor([2.0, 0.0]), torch.tensor([0.5, 1.0]))
+    assert loss.item() == pytest.approx((0.5 * 1 + 1.0 * 4) / 2 + (0.5 * 1 + 1.0 * 0) / 2)
+
+
+def test_conservative_penalty_is_unweighted_logsumexp_minus_data_q():
+    q_sampled = torch.tensor([[[0.0, math.log(3.0)]], [[1.0, 1.0]]])  # [critics, batch, samples]
+    q_data = torch.tensor([[0.5], [1.0]])
+    penalty = baq_cql.cql_penalty(q_sampled, torch.zeros(1, 2), q_data, temperature=1.0)
+    assert penalty.item() == pytest.approx((math.log(4.0) - 0.5) + (1.0 + math.log(2.0) - 1.0))
+    # importance sampling divides each sample by its density: exp(0 - log 2) + exp(log 3 - 0) = 3.5
+    weighted = baq_cql.cql_penalty(q_sampled[:1], torch.tensor([[math.log(2.0), 0.0]]), q_data[:1], temperature=1.0)
+    assert weighted.item() == pytest.approx(math.log(3.5) - 0.5)
+    # temperature T: T logsumexp(Q / T)
+    hot = baq_cql.cql_penalty(q_sampled[1:], torch.zeros(1, 2), q_data[1:], temperature=2.0)
+    assert hot.item() == pytest.approx(2.0 * math.log(2.0 * math.exp(0.5)) - 1.0)
+
+
+@pytest.mark.parametrize("log_prob, direction", [(-1.0, -1), (5.0, +1)])
+def test_entropy_temperature_moves_toward_the_target(log_prob, direction):
+    # target entropy -3: entropy 1 (log pi = -1) is above it, so alpha shrinks; entropy -5 is below, alpha grows
+    log_alpha = torch.nn.Parameter(torch.zeros(()))
+    loss = baq_cql.entropy_temperature_loss(log_alpha, torch.full((4,), log_prob), target_entropy=-3.0)
+    loss.backward()
+    assert log_alpha.grad.item() == pytest.approx(-(log_prob - 3.0))
+    optimizer = torch.optim.SGD([log_alpha], lr=0.1)
+    optimizer.step()
+    assert math.copysign(1, log_alpha.item()) == direction
+
+
+def test_tanh_gaussian_log_prob_matches_torch_distributions():
+    torch.manual_seed(0)
+    actor = baq_cql.TanhGaussianActor(4, 3, 16, max_action=1.0)
+    obs = torch.randn(6, 4)
+    torch.manual_seed(1)
+    actions, log_prob = actor(obs)
+    mean, log_std = actor.net(obs).chunk(2, -1)
+    distribution = torch.distributions.TransformedDistribution(
+        torch.distributions.Normal(mean, (log_std - 1.0).clamp(-20, 2).exp()), [torch.distributions.TanhTransform()])
+    torch.testing.assert_close(log_prob, distribution.log_prob(actions.clamp(-1 + 1e-6, 1 - 1e-6)).sum(-1), rtol=1e-4, atol=1e-4)
+    deterministic, none = actor(obs, deterministic=True)
+    assert none is None
+    torch.testing.assert_close(deterministic, torch.tanh(mean))
+
+
+def test_one_optimizer_step_equals_corl_sequential_updates():
+    """The single backward + Adam step matches CORL's order: temperature, actor, then critics, each
+    with its own optimizer and every loss built from the parameters before the update."""
+    torch.manual_seed(0)
+    args = baq_cql.Args(compile=False, hidden_dim=16, cql_n_actions=3)
+    agent = baq_cql.CQL(5, 2, 1.0, args)
+    reference = copy.deepcopy(agent)
+    generator = torch.Generator().manual_seed(3)
+    obs, next_obs = torch.randn(8, 5, generator=generator), torch.randn(8, 5, generator=generator)
+    actions, rewards = torch.rand(8, 2, generator=generator) * 2 - 1, torch.randn(8, generator=generator)
+    terminals, weights = torch.zeros(8), torch.rand(8, generator=generator)
+    torch.manual_seed(7)
+    agent.update((obs, actions, rewards, next_obs, terminals), weights)
+
+    torch.manual_seed(7)  # the same random draws, in the same order
+    n, b = 3, 8
+    new_actions, log_prob = reference.actor(obs)
+    alpha_loss = -(reference.log_alpha * (log_prob - 2.0).detach()).mean()  # target entropy -|A| = -2
+    actor_loss = (reference.log_alpha.exp().detach() * log_prob - reference.qf(obs, new_actions).min(0).values).mean()
+    with torch.no_grad():
+        sampled, sampled_log_prob = reference.actor(torch.cat([next_obs, obs.repeat_interleave(n, 0), next_obs.repeat_interleave(n, 0)]))
+        td_target = rewards + 0.99 * reference.qf_target(next_obs, sampled[:b]).min(0).values
+        uniform = torch.rand_like(sampled[b:b + b * n]) * 2 - 1
+    q_sampled = torch.cat([(reference.qf(obs.repeat_interleave(n, 0), a) - d).view(2, b, n) for a, d in (
+        (uniform, torch.full((b * n,), -2 * math.log(2.0))), (sampled[b:b + b * n], sampled_log_prob[b:b + b * n]),
+        (sampled[b + b * n:], sampled_log_prob[b + b * n:]))], dim=-1)
+    q_data = reference.qf(obs, actions)
+    critic_loss = (weights * (q_data - td_target).pow(2)).mean(-1).sum() + \
+        10.0 * (torch.logsumexp(q_sampled, -1) - q_data).mean(-1).sum()
+    optimizers = [torch.optim.Adam([reference.log_alpha], lr=3e-5), torch.optim.Adam(reference.actor.parameters(), lr=3e-5),
+                  torch.optim.Adam(reference.qf.parameters(), lr=3e-4)]
+    for optimizer, loss in zip(optimizers, (alpha_loss, actor_loss, critic_loss)):
+        optimizer.zero_grad()
+        loss.backward(retain_graph=True)
+        optimizer.step()
+    with torch.no_grad():
+        for target, online in zip(reference.qf_target.parameters(), reference.qf.parameters()):
+            target.lerp_(online, 0.005)
+    for (name, mine), theirs in zip(agent.state_dict().items(), reference.state_dict().values()):
+        torch.testing.assert_close(mine, theirs, msg=name)
+
+
+def test_online_penalty_weight_is_a_flag():
+    agent = baq_cql.CQL(3, 2, 1.0, baq_cql.Args(compile=False, hidden_dim=8, online_cql_alpha=2.5))
+    assert agent.cql_alpha.item() == 10.0
+    agent.start_online()
+    assert agent.cql_alpha.item() == 2.5
+    default = baq_cql.CQL(3, 2, 1.0, baq_cql.Args(compile=False, hidden_dim=8))
+    default.start_online()
+    assert default.cql_alpha.item() == 10.0
