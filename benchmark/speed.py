@@ -16,13 +16,14 @@ import numpy as np
 import torch
 import tyro
 
+ONLINE_CAPACITY = 200_000  # room for the online steps a measurement appends
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 
 @dataclass
 class Args:
-    scripts: List[str] = field(default_factory=lambda: ["baq_iql"])
+    scripts: List[str] = field(default_factory=lambda: ["baq_iql", "baq_cql"])
     """fine-tuning scripts to measure (module names)"""
     threads: int = 2
     """torch threads (the peer figures are for 2)"""
@@ -32,9 +33,9 @@ class Args:
     """observation size (halfcheetah)"""
     act_dim: int = 6
     """action size (halfcheetah)"""
-    updates: int = 1_000
-    """timed updates per measurement (after warm-up)"""
-    warmup: int = 50
+    seconds: float = 10.0
+    """timed seconds per measurement (after warm-up)"""
+    warmup: int = 10
     """untimed updates first (includes torch.compile's compilation)"""
     cuda: bool = True
     """also measure on CUDA when it is available"""
@@ -45,7 +46,7 @@ class Args:
 def filled_buffer(script, args: Args, device):
     generator = np.random.default_rng(0)
     n = args.offline_size
-    buffer = script.ReplayBuffer(n + args.updates + args.warmup, args.obs_dim, args.act_dim, device, seed=0)
+    buffer = script.ReplayBuffer(n + ONLINE_CAPACITY, args.obs_dim, args.act_dim, device, seed=0)
     obs = generator.standard_normal((n, args.obs_dim), dtype=np.float32)
     actions = generator.uniform(-1, 1, (n, args.act_dim)).astype(np.float32)
     buffer.add(obs, actions, generator.standard_normal(n), np.roll(obs, -1, 0), np.zeros(n), np.ones(n), np.ones(n))
@@ -53,17 +54,20 @@ def filled_buffer(script, args: Args, device):
 
 
 def rate(step, args: Args, device):
-    """Calls of `step` per second, synchronizing the device only at the ends."""
+    """Calls of `step` per second over about `args.seconds`, synchronizing the device only at the ends."""
+    def timed(calls):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(calls):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return calls / (time.perf_counter() - start)
+
     for _ in range(args.warmup):
         step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(args.updates):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return args.updates / (time.perf_counter() - start)
+    return timed(max(5, int(args.seconds * timed(5))))
 
 
 def measure(script, args: Args, device, compile: bool):
@@ -115,6 +119,7 @@ def main(args: Args):
     rows = []
     for name in args.scripts:
         script = importlib.import_module(name)
+        script.keep_freed_memory()  # as the script's main does on a CPU
         for device in devices:
             for compile in (False, True):
                 results = measure(script, args, device, compile)
