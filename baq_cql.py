@@ -409,15 +409,16 @@ class ReplayBuffer:
         self.priority_prefix_sum[: self.size] = torch.cumsum(self.priorities[: self.size].double(), 0)
         self.offline_size = self.size
 
-    def sample_indices(self, batch_size: int, prioritized: bool):
+    def sample_indices(self, batch_size: int, prioritized: bool, generator=None):
+        generator = generator or self.generator
         if not prioritized:
-            return torch.randint(0, self.size, (batch_size,), device=self.device, generator=self.generator)
+            return torch.randint(0, self.size, (batch_size,), device=self.device, generator=generator)
         total = self.priority_prefix_sum[self.size - 1]
-        u = torch.rand(batch_size, dtype=torch.float64, device=self.device, generator=self.generator) * total
+        u = torch.rand(batch_size, dtype=torch.float64, device=self.device, generator=generator) * total
         return torch.searchsorted(self.priority_prefix_sum[: self.size], u, right=True).clamp_(max=self.size - 1)
 
-    def sample(self, batch_size: int, prioritized: bool = False):
-        idx = self.sample_indices(batch_size, prioritized)
+    def sample(self, batch_size: int, prioritized: bool = False, generator=None):
+        idx = self.sample_indices(batch_size, prioritized, generator)
         return idx, (self.observations[idx], self.actions[idx], self.rewards[idx], self.next_observations[idx], self.terminals[idx])
 
     def behavior_statistics(self, idx):
@@ -578,7 +579,7 @@ def save_checkpoint(path: str, kind: str, algorithm: str, state_dict: dict, cont
     os.replace(tmp, path)
 
 
-def load_checkpoint(path: str, flag: str, kind: str, algorithm: str, context: dict) -> dict:
+def load_checkpoint(path: str, flag: str, kind: str, algorithms: tuple, context: dict) -> dict:
     """Load a checkpoint given to `flag` and check that it fits this run."""
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
@@ -588,11 +589,11 @@ def load_checkpoint(path: str, flag: str, kind: str, algorithm: str, context: di
         fail(f"{flag} {path!r} is not a readable checkpoint ({type(err).__name__}: {err}). Pass a file written by an earlier run.")
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != "baq-checkpoint-1":
         fail(f"{flag} {path!r} is not a BAQ checkpoint. Pass an `{kind}.pt` written by an earlier run.")
-    if checkpoint["kind"] != kind or checkpoint["algorithm"] != algorithm:
+    if checkpoint["kind"] != kind or checkpoint["algorithm"] not in algorithms:
+        needed = " or ".join(a.upper() for a in algorithms)
         fail(
             f"{flag} {path!r} holds a checkpoint of kind {checkpoint['kind']!r} made by {checkpoint['algorithm'].upper()}, "
-            f"but {flag} needs kind {kind!r} made by {algorithm.upper()}. Pass the `{kind}.pt` written by "
-            f"{'any run' if kind == 'bc' else f'an earlier {algorithm.upper()} run'}."
+            f"but {flag} needs kind {kind!r} made by {needed}. Pass the `{kind}.pt` written by an earlier {needed} run."
         )
     for key in ("dataset_id", "obs_dim", "act_dim", "hidden_dim"):
         if checkpoint[key] != context[key]:
@@ -611,12 +612,16 @@ def log_metrics(writer, prefix: str, names, metric_sum, count: int, step: int):
         writer.add_scalar(f"{prefix}{name}", value, step)
 
 
-def train_bc(bc_policy, buffer, args: Args, writer):
-    """Eq. 2: pi_BC = argmin E_(s,a)~D[-log pi(a|s)] on the offline dataset."""
+def train_bc(buffer, obs_dim: int, act_dim: int, max_action: float, args: Args, writer):
+    """Eq. 2: pi_BC = argmin E_(s,a)~D[-log pi(a|s)] on the offline dataset. Its own seed stream makes
+    pi_BC the same whether or not an offline phase ran before it (and the same in every script)."""
+    torch.manual_seed(args.seed)
+    generator = torch.Generator(buffer.device).manual_seed(args.seed + 1)
+    bc_policy = GaussianPolicy(obs_dim, act_dim, args.hidden_dim, max_action).to(buffer.device)
     optimizer = torch.optim.Adam(bc_policy.parameters(), lr=args.bc_lr)
     loss_sum, start = torch.zeros((), device=buffer.device), time.time()
     for step in range(1, args.bc_steps + 1):
-        obs, actions, *_ = buffer.sample(args.batch_size)[1]
+        obs, actions, *_ = buffer.sample(args.batch_size, generator=generator)[1]
         loss = -bc_policy.log_prob(obs, actions).mean()  # Eq. 2
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -628,6 +633,7 @@ def train_bc(bc_policy, buffer, args: Args, writer):
             writer.add_scalar("bc/mse", bc_divergence(bc_policy, obs, actions).mean().item(), step)
             writer.add_scalar("bc/SPS", int(step / (time.time() - start)), step)
             loss_sum.zero_()
+    return bc_policy
 
 
 def main(args: Args):
@@ -657,9 +663,9 @@ def main(args: Args):
     context = {"dataset_id": args.env_id, "obs_dim": obs_dim, "act_dim": act_dim, "hidden_dim": args.hidden_dim}
     offline_checkpoint = bc_checkpoint = None
     if args.offline_checkpoint:
-        offline_checkpoint = load_checkpoint(args.offline_checkpoint, "--offline-checkpoint", "offline", ALGORITHM, context)
+        offline_checkpoint = load_checkpoint(args.offline_checkpoint, "--offline-checkpoint", "offline", (ALGORITHM,), context)
     if args.bc_checkpoint:
-        bc_checkpoint = load_checkpoint(args.bc_checkpoint, "--bc-checkpoint", "bc", "bc", context)
+        bc_checkpoint = load_checkpoint(args.bc_checkpoint, "--bc-checkpoint", "bc", ("bc",), context)
     if offline_checkpoint:  # the networks were trained with these statistics
         obs_mean, obs_std = offline_checkpoint["obs_mean"].numpy(), offline_checkpoint["obs_std"].numpy()
         reward_scale = offline_checkpoint["reward_scale"]
@@ -724,12 +730,12 @@ def main(args: Args):
     agent.start_online()
 
     # --- behavior-cloning reference pi_BC (Eq. 2) ---------------------------------------------
-    bc_policy = GaussianPolicy(obs_dim, act_dim, args.hidden_dim, max_action).to(device)
     if bc_checkpoint:
+        bc_policy = GaussianPolicy(obs_dim, act_dim, args.hidden_dim, max_action).to(device)
         bc_policy.load_state_dict(bc_checkpoint["state_dict"])
         print(f"BC phase skipped: loaded {args.bc_checkpoint}")
     else:
-        train_bc(bc_policy, buffer, args, writer)
+        bc_policy = train_bc(buffer, obs_dim, act_dim, max_action, args, writer)
         save_checkpoint(os.path.join(run_dir, "bc.pt"), "bc", "bc", bc_policy.state_dict(), context, args)
     bc_policy.requires_grad_(False).eval()
 
@@ -749,6 +755,8 @@ def main(args: Args):
     writer.add_text("baq", f"k_q {kq:.6g}, k_rho {krho:.6g}, alpha {args.priority_alpha}, offline w mean {offline_w.mean():.4f}, offline rho mean {offline_rho.mean():.4f}")
 
     # --- online fine-tuning -------------------------------------------------------------------
+    torch.manual_seed(args.seed + 2)  # the same online phase whether the earlier phases ran or were loaded
+    buffer.generator.manual_seed(args.seed + 2)
     env = make_env()
     env.action_space.seed(args.seed)
     obs, _ = env.reset(seed=args.seed)
