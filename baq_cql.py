@@ -596,7 +596,7 @@ def load_checkpoint(path: str, flag: str, kind: str, algorithms: tuple, context:
             f"but {flag} needs kind {kind!r} made by {needed}. Pass the `{kind}.pt` written by an earlier {needed} run."
         )
     for key in ("dataset_id", "obs_dim", "act_dim", "hidden_dim"):
-        if checkpoint[key] != context[key]:
+        if key in context and checkpoint[key] != context[key]:
             fail(
                 f"{flag} {path!r} was made for {key} {checkpoint[key]!r}, but this run has {context[key]!r}. "
                 f"Pass a checkpoint made on --env-id {context['dataset_id']}, or drop {flag} to train it here."

@@ -69,6 +69,8 @@ def minari_store(tmp_path_factory):
 
 # Scripts that share the data, BAQ-term, buffer, evaluation and checkpoint code (identical text).
 PIPELINE_SCRIPTS = ["baq_iql", "baq_cql"]
+# Every top-level script: the same --env-id handling and errors.
+ALL_SCRIPTS = PIPELINE_SCRIPTS + ["offline_pretrain", "bc_pretrain"]
 
 TINY_FLAGS = ["--offline-steps", "60", "--bc-steps", "40", "--online-steps", "70", "--eval-every", "30",
               "--offline-eval-every", "30", "--eval-episodes", "2", "--log-every", "20", "--batch-size", "32",

@@ -5,10 +5,10 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from conftest import PIPELINE_SCRIPTS
+from conftest import ALL_SCRIPTS
 
 
-@pytest.fixture(params=PIPELINE_SCRIPTS)
+@pytest.fixture(params=ALL_SCRIPTS)
 def script(request):
     return importlib.import_module(request.param)
 

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from conftest import PIPELINE_SCRIPTS, read_scalars
+from conftest import ALL_SCRIPTS, PIPELINE_SCRIPTS, read_scalars
 
 ONLINE_STEPS, LOG_EVERY = 70, 20  # as in conftest.TINY_FLAGS
 REQUIRED_TAGS = ["eval/return", "eval/normalized_score", "eval/q_bias", "charts/SPS", "charts/episodic_return",
@@ -100,7 +100,7 @@ def test_switches_off_give_unit_weights_and_uniform_sampling(full_run, run_scrip
     assert sum(prioritized_rho) / len(prioritized_rho) > sum(uniform_rho) / len(uniform_rho) + 0.02
 
 
-@pytest.mark.parametrize("script", [f"{name}.py" for name in PIPELINE_SCRIPTS])
+@pytest.mark.parametrize("script", [f"{name}.py" for name in ALL_SCRIPTS])
 @pytest.mark.parametrize("env_id, words", [
     ("baq/hopper/missing-v0", ["'baq/hopper/missing-v0'", "not in the local Minari store", "cannot be downloaded",
                                "python benchmark/make_dataset.py --env hopper"]),
@@ -109,7 +109,7 @@ def test_switches_off_give_unit_weights_and_uniform_sampling(full_run, run_scrip
     ("hoper-medium-v2x", ["is neither a D4RL name", "Check the spelling"]),
 ])
 def test_unusable_datasets_exit_with_one_clear_paragraph(run_script, tmp_path, script, env_id, words):
-    result, run_dir = run_script(script, tmp_path / "runs", env_id=env_id)
+    result, run_dir = run_script(script, tmp_path / "runs", env_id=env_id, tiny=False)
     assert result.returncode != 0
     assert "Traceback" not in result.stderr
     message = result.stderr.strip()
