@@ -100,3 +100,19 @@ def read_scalars(run_dir: Path) -> dict:
     accumulator = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
     accumulator.Reload()
     return {tag: [(e.step, e.value) for e in accumulator.Scalars(tag)] for tag in accumulator.Tags()["scalars"]}
+
+
+def step_sequentially_and_compare(agent, reference, optimizers, losses, tau=0.005):
+    """CORL's way: each loss stepped by its own optimizer, then the target critics' soft update;
+    the reference must end where `agent`'s single update ended."""
+    import torch
+
+    for optimizer, loss in zip(optimizers, losses):
+        optimizer.zero_grad()
+        loss.backward(retain_graph=True)
+        optimizer.step()
+    with torch.no_grad():
+        for target, online in zip(reference.qf_target.parameters(), reference.qf.parameters()):
+            target.lerp_(online, tau)
+    for (name, mine), theirs in zip(agent.state_dict().items(), reference.state_dict().values()):
+        torch.testing.assert_close(mine, theirs, msg=name)

@@ -5,6 +5,8 @@ import math
 import pytest
 import torch
 
+from conftest import step_sequentially_and_compare
+
 import baq_cql
 
 
@@ -86,15 +88,7 @@ def test_one_optimizer_step_equals_corl_sequential_updates():
         10.0 * (torch.logsumexp(q_sampled, -1) - q_data).mean(-1).sum()
     optimizers = [torch.optim.Adam([reference.log_alpha], lr=3e-5), torch.optim.Adam(reference.actor.parameters(), lr=3e-5),
                   torch.optim.Adam(reference.qf.parameters(), lr=3e-4)]
-    for optimizer, loss in zip(optimizers, (alpha_loss, actor_loss, critic_loss)):
-        optimizer.zero_grad()
-        loss.backward(retain_graph=True)
-        optimizer.step()
-    with torch.no_grad():
-        for target, online in zip(reference.qf_target.parameters(), reference.qf.parameters()):
-            target.lerp_(online, 0.005)
-    for (name, mine), theirs in zip(agent.state_dict().items(), reference.state_dict().values()):
-        torch.testing.assert_close(mine, theirs, msg=name)
+    step_sequentially_and_compare(agent, reference, optimizers, (alpha_loss, actor_loss, critic_loss))
 
 
 def test_online_penalty_weight_is_a_flag():

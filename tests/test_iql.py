@@ -5,6 +5,8 @@ import math
 import pytest
 import torch
 
+from conftest import step_sequentially_and_compare
+
 import baq_iql
 
 
@@ -88,15 +90,7 @@ def test_one_optimizer_step_equals_three_separate_updates():
     steps = [baq_iql.iql_value_loss(target_q, v, weights, 0.7),
              baq_iql.iql_q_loss(reference.qf(obs, actions), rewards, terminals, next_v, weights, 0.99),
              baq_iql.iql_actor_loss(reference.actor.log_prob(obs, actions), advantage, 3.0, 100.0)]
-    for optimizer, loss in zip(optimizers, steps):
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    with torch.no_grad():
-        for target, online in zip(reference.qf_target.parameters(), reference.qf.parameters()):
-            target.lerp_(online, 0.005)
-    for (name, mine), theirs in zip(agent.state_dict().items(), reference.state_dict().values()):
-        torch.testing.assert_close(mine, theirs, msg=name)
+    step_sequentially_and_compare(agent, reference, optimizers, steps)
 
 
 def test_compiled_update_matches_eager():
