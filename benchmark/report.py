@@ -1,0 +1,206 @@
+# Tables and figures from the runs of benchmark/run.py, read from their TensorBoard event files:
+# Table 1 (methods x datasets), Table 2 (CQL against Our-S), Figure 2 (normalized score during
+# fine-tuning), Figure 3 (the drop when Our-Q or Our-S is removed from BAQ), and eval/q_bias.
+#
+#   python benchmark/report.py --preset cpu          # writes benchmark/results/cpu/
+import os
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Dict, List, Literal
+
+import numpy as np
+import tyro
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+METHOD_ORDER = ["iql", "iql-baq", "iql-our-q", "iql-our-s", "cql", "cql-baq", "cql-our-q", "cql-our-s"]
+METHOD_LABELS = {"iql": "IQL", "iql-baq": "IQL+BAQ", "iql-our-q": "IQL+Our-Q", "iql-our-s": "IQL+Our-S",
+                 "cql": "CQL", "cql-baq": "CQL+BAQ", "cql-our-q": "CQL+Our-Q", "cql-our-s": "CQL+Our-S"}
+# the paper's Table 1 (D4RL v2, 4 seeds), for orientation
+PAPER_TABLE1 = {
+    "halfcheetah-medium-expert": {"iql": "85.1 ± 6.3", "iql-baq": "78.5 ± 11.2", "cql": "57.0 ± 19.0", "cql-baq": "75.3 ± 11.4"},
+    "hopper-medium-expert": {"iql": "61.9 ± 45.0", "iql-baq": "88.7 ± 28.3", "cql": "93.3 ± 23.0", "cql-baq": "102.3 ± 14.7"},
+    "walker2d-medium-expert": {"iql": "109.6 ± 1.4", "iql-baq": "109.9 ± 1.8", "cql": "110.1 ± 0.6", "cql-baq": "109.3 ± 0.99"},
+    "halfcheetah-medium-replay": {"iql": "44.8 ± 1.3", "iql-baq": "44.7 ± 0.7", "cql": "47.8 ± 0.4", "cql-baq": "46.0 ± 0.95"},
+    "hopper-medium-replay": {"iql": "83.4 ± 15.3", "iql-baq": "86.1 ± 19.0", "cql": "95.3 ± 2.5", "cql-baq": "92.8 ± 9.5"},
+    "walker2d-medium-replay": {"iql": "66.2 ± 14.8", "iql-baq": "76.3 ± 10.5", "cql": "82.3 ± 4.4", "cql-baq": "76.2 ± 6.0"},
+    "halfcheetah-medium": {"iql": "47.7 ± 0.5", "iql-baq": "47.7 ± 0.3", "cql": "48.6 ± 0.5", "cql-baq": "48.4 ± 0.46"},
+    "hopper-medium": {"iql": "64.5 ± 9.7", "iql-baq": "70.6 ± 8.4", "cql": "70.8 ± 4.2", "cql-baq": "68.9 ± 8.48"},
+    "walker2d-medium": {"iql": "80.4 ± 6.0", "iql-baq": "83.9 ± 3.1", "cql": "82.7 ± 0.7", "cql-baq": "82.4 ± 1.63"},
+}
+
+
+@dataclass
+class Args:
+    preset: Literal["smoke", "cpu", "paper"] = "cpu"
+    """the preset whose runs to report"""
+    root: str = os.path.join(ROOT, "benchmark", "runs")
+    """where benchmark/run.py put the runs"""
+    output: str = os.path.join(ROOT, "benchmark", "results")
+    """tables and figures go to {output}/{preset}/"""
+
+
+def read_curves(root: str) -> Dict:
+    """{(dataset, method): {seed: {tag: (steps, values)}}} for every finished fine-tuning run."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    curves = defaultdict(dict)
+    for dataset in sorted(os.listdir(root)) if os.path.isdir(root) else []:
+        for method in [m for m in METHOD_ORDER if os.path.isdir(os.path.join(root, dataset, m))]:
+            for seed_dir in sorted(os.listdir(os.path.join(root, dataset, method))):
+                runs = sorted(d for d in os.listdir(os.path.join(root, dataset, method, seed_dir))
+                              if os.path.isdir(os.path.join(root, dataset, method, seed_dir, d)))
+                if not runs or not os.path.exists(os.path.join(root, dataset, method, seed_dir, runs[-1], "final.pt")):
+                    continue  # unfinished
+                accumulator = EventAccumulator(os.path.join(root, dataset, method, seed_dir, runs[-1]), size_guidance={"scalars": 0})
+                accumulator.Reload()
+                tags = accumulator.Tags()["scalars"]
+                curves[(dataset, method)][seed_dir] = {
+                    tag: (np.array([e.step for e in accumulator.Scalars(tag)]), np.array([e.value for e in accumulator.Scalars(tag)]))
+                    for tag in ("eval/normalized_score", "eval/return", "eval/q_bias") if tag in tags}
+    return curves
+
+
+def score_tag(curves) -> str:
+    """Normalized score where every run has it, else the return."""
+    has_score = all("eval/normalized_score" in run for runs in curves.values() for run in runs.values())
+    return "eval/normalized_score" if has_score else "eval/return"
+
+
+def statistic(curves, tag: str, kind: str) -> Dict:
+    """{(dataset, method): per-seed values}: the last evaluation ("final") or the mean of all ("mean")."""
+    pick = (lambda values: values[-1]) if kind == "final" else np.mean
+    return {key: np.array([pick(run[tag][1]) for run in runs.values()]) for key, runs in curves.items()}
+
+
+def cell(values) -> str:
+    return f"{values.mean():.1f} ± {values.std():.1f}" if len(values) else ""
+
+
+def table(values: Dict, datasets: List[str], methods: List[str], with_total: bool = True) -> List[str]:
+    lines = ["| dataset | " + " | ".join(METHOD_LABELS[m] for m in methods) + " |", "|---|" + "---|" * len(methods)]
+    for dataset in datasets:
+        lines.append(f"| {short_name(dataset)} | " + " | ".join(cell(values.get((dataset, m), np.array([]))) for m in methods) + " |")
+    if with_total:  # the sum over datasets of the mean over seeds, as in the paper
+        totals = [sum(values[(d, m)].mean() for d in datasets if (d, m) in values) for m in methods]
+        lines.append("| Total | " + " | ".join(f"{t:.1f}" for t in totals) + " |")
+    return lines
+
+
+def short_name(dataset: str) -> str:
+    """baq-hopper-medium-v0 -> hopper-medium (the paper's row names)."""
+    parts = dataset.split("-")
+    return "-".join(parts[1:-1]) if parts[0] in ("baq", "mujoco") else dataset
+
+
+def plot_curves(curves, tag: str, datasets, methods, path: str):
+    """Figure 2: the evaluation score against the online step, mean and a +/- std band over seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, len(datasets), figsize=(4.2 * len(datasets), 3.2), squeeze=False)
+    for ax, dataset in zip(axes[0], datasets):
+        for method in methods:
+            runs = curves.get((dataset, method))
+            if not runs:
+                continue
+            steps = next(iter(runs.values()))[tag][0]
+            values = np.stack([run[tag][1] for run in runs.values()])
+            mean, std = values.mean(0), values.std(0)
+            ax.plot(steps, mean, label=METHOD_LABELS[method])
+            ax.fill_between(steps, mean - std, mean + std, alpha=0.2)
+        ax.set_title(short_name(dataset), fontsize=9)
+        ax.set_xlabel("online step", fontsize=8)
+        ax.set_ylabel(tag.split("/")[-1].replace("_", " "), fontsize=8)
+        ax.tick_params(labelsize=7)
+    axes[0][0].legend(fontsize=7)
+    figure.tight_layout()
+    save(figure, path)
+
+
+def plot_ablation(drops: Dict, path: str):
+    """Figure 3: BAQ minus the variant without one component, per dataset and algorithm."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = list(drops)
+    x = np.arange(len(labels))
+    figure, ax = plt.subplots(figsize=(max(4.0, 1.3 * len(labels)), 3.2))
+    for offset, (component, color) in zip((-0.2, 0.2), (("without Our-Q", "tab:blue"), ("without Our-S", "tab:orange"))):
+        ax.bar(x + offset, [drops[label][component] for label in labels], width=0.4, label=component, color=color)
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_xticks(x, labels, fontsize=7, rotation=20)
+    ax.set_ylabel("score of BAQ minus the ablation", fontsize=8)
+    ax.legend(fontsize=7)
+    figure.tight_layout()
+    save(figure, path)
+
+
+def save(figure, path: str):
+    import matplotlib.pyplot as plt
+
+    figure.savefig(f"{path}.tmp.png", dpi=120)
+    plt.close(figure)
+    os.replace(f"{path}.tmp.png", path)
+
+
+def main(args: Args):
+    curves = read_curves(os.path.join(args.root, args.preset))
+    if not curves:
+        raise SystemExit(f"error: no finished runs under {os.path.join(args.root, args.preset)}. Run "
+                         f"`python benchmark/run.py --preset {args.preset}` first (or pass --root).")
+    output = os.path.join(args.output, args.preset)
+    os.makedirs(output, exist_ok=True)
+    tag = score_tag(curves)
+    datasets = sorted({d for d, _ in curves})
+    methods = [m for m in METHOD_ORDER if any((d, m) in curves for d in datasets)]
+    seeds = sorted({len(runs) for runs in curves.values()})
+    budget = max(int(run[tag][0][-1]) for runs in curves.values() for run in runs.values())
+    lines = [f"# Results: preset `{args.preset}`", "",
+             f"{len(datasets)} datasets, {len(methods)} methods, {'/'.join(map(str, seeds))} seeds per cell, "
+             f"{budget:,} online steps. Cells: mean ± std over seeds of `{tag}`.", ""]
+    for kind, title in (("final", "at the end of the online budget"), ("mean", "averaged over the evaluations of the online phase (online step 0 included)")):
+        values = statistic(curves, tag, kind)
+        lines += [f"## Table 1: score {title}", "", *table(values, datasets, methods), ""]
+        if {"cql", "cql-our-s"} <= set(methods):
+            lines += [f"## Table 2: CQL against Our-S, score {title}", "", *table(values, datasets, ["cql", "cql-our-s"]), ""]
+    final = statistic(curves, tag, "final")
+    drops = {}
+    for algo in ("iql", "cql"):
+        for dataset in datasets:
+            if all((dataset, f"{algo}-{m}") in final for m in ("baq", "our-q", "our-s")):
+                baq = final[(dataset, f"{algo}-baq")].mean()
+                drops[f"{algo.upper()} {short_name(dataset)}"] = {
+                    "without Our-Q": baq - final[(dataset, f"{algo}-our-s")].mean(),
+                    "without Our-S": baq - final[(dataset, f"{algo}-our-q")].mean()}
+    if drops:
+        lines += ["## Figure 3: the drop when a component is removed (final score of BAQ minus the ablation)", "",
+                  "| | without Our-Q (= BAQ - Our-S) | without Our-S (= BAQ - Our-Q) |", "|---|---|---|"]
+        lines += [f"| {label} | {d['without Our-Q']:+.1f} | {d['without Our-S']:+.1f} |" for label, d in drops.items()]
+        lines += ["", "![Figure 3](figure3.png)", ""]
+        plot_ablation(drops, os.path.join(output, "figure3.png"))
+    if all("eval/q_bias" in run for runs in curves.values() for run in runs.values()):
+        lines += ["## Q-value estimation error: `eval/q_bias` averaged over the online evaluations", "",
+                  "Q(s_t, a_t) minus the discounted return collected from t on, over the evaluation episodes' visited pairs, "
+                  "in reward units (closer to 0 is better).", "",
+                  *table(statistic(curves, "eval/q_bias", "mean"), datasets, methods, with_total=False), ""]
+    plot_curves(curves, tag, datasets, methods, os.path.join(output, "figure2.png"))
+    lines += ["## Figure 2: score during fine-tuning (mean and ± std over seeds)", "", "![Figure 2](figure2.png)", ""]
+    paper_rows = [d for d in datasets if short_name(d) in PAPER_TABLE1]
+    if paper_rows:
+        paper_methods = ["iql", "iql-baq", "cql", "cql-baq"]
+        lines += ["## The paper's Table 1 on these datasets (D4RL v2 data, 4 seeds), for orientation", "",
+                  "| dataset | " + " | ".join(METHOD_LABELS[m] for m in paper_methods) + " |", "|---|" + "---|" * len(paper_methods)]
+        lines += [f"| {short_name(d)} | " + " | ".join(PAPER_TABLE1[short_name(d)][m] for m in paper_methods) + " |" for d in paper_rows]
+        lines.append("")
+    with open(os.path.join(output, "tables.md"), "w") as f:
+        f.write("\n".join(lines))
+    print("\n".join(lines))
+    print(f"wrote {output}/tables.md, figure2.png" + (", figure3.png" if drops else ""))
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))

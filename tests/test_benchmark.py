@@ -1,0 +1,76 @@
+"""benchmark/run.py and benchmark/report.py: the smoke preset end to end on the tiny dataset."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+METHODS = ["iql", "iql-baq", "iql-our-q", "iql-our-s"]
+
+
+def benchmark(script, minari_store, *flags):
+    environment = {**os.environ, "MINARI_DATASETS_PATH": str(minari_store), "PYTHONWARNINGS": "ignore"}
+    return subprocess.run([sys.executable, str(ROOT / "benchmark" / script), *flags], capture_output=True, text=True,
+                          env=environment, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def grid(minari_store, tmp_path_factory):
+    root = tmp_path_factory.mktemp("bench") / "runs"
+    result = benchmark("run.py", minari_store, "--preset", "smoke", "--datasets", "baq/hopper/tiny-v0", "--methods", *METHODS,
+                       "--seeds", "1", "--workers", "2", "--root", str(root))
+    assert result.returncode == 0, result.stdout + result.stderr
+    return root, result
+
+
+def finals(root):
+    return sorted(root.glob("smoke/*/*/seed*/*/final.pt"))
+
+
+def test_grid_shares_one_pretraining_per_dataset_and_seed(grid):
+    root, result = grid
+    assert "6 runs, 0 already finished" in result.stdout
+    dataset = root / "smoke" / "baq-hopper-tiny-v0"
+    assert len(list(dataset.glob("pretrain-iql/seed1/*/offline.pt"))) == 1
+    assert len(list(dataset.glob("pretrain-bc/seed1/*/bc.pt"))) == 1
+    assert [p.parents[2].name for p in finals(root)] == sorted(METHODS)
+    for method in METHODS:  # each fine-tuning run skipped both pretraining phases
+        log = (dataset / method / "seed1" / "log.txt").read_text()
+        assert "offline phase skipped" in log and "BC phase skipped" in log
+
+
+def test_rerun_after_an_interruption_redoes_only_unfinished_runs(grid, minari_store):
+    root, _ = grid
+    interrupted = root / "smoke" / "baq-hopper-tiny-v0" / "iql-baq" / "seed1"
+    next(interrupted.glob("*/final.pt")).unlink()  # as if killed before the end
+    kept = {p: p.stat().st_mtime_ns for p in finals(root)}
+    result = benchmark("run.py", minari_store, "--preset", "smoke", "--datasets", "baq/hopper/tiny-v0", "--methods", *METHODS,
+                       "--seeds", "1", "--root", str(root))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "6 runs, 5 already finished" in result.stdout
+    assert result.stdout.count("start ") == 1 and "start  baq/hopper/tiny-v0 iql-baq seed1" in result.stdout
+    assert all(p.stat().st_mtime_ns == t for p, t in kept.items())
+    assert len(list(interrupted.glob("*/final.pt"))) == 1 and len([d for d in interrupted.iterdir() if d.is_dir()]) == 1
+
+
+def test_report_writes_tables_and_figures(grid, minari_store, tmp_path):
+    root, _ = grid
+    result = benchmark("report.py", minari_store, "--preset", "smoke", "--root", str(root), "--output", str(tmp_path))
+    assert result.returncode == 0, result.stdout + result.stderr
+    tables = (tmp_path / "smoke" / "tables.md").read_text()
+    header = "| dataset | IQL | IQL+BAQ | IQL+Our-Q | IQL+Our-S |"
+    assert tables.count(header) == 3  # Table 1 twice (final, mean over evaluations) and the q_bias table
+    assert "at the end of the online budget" in tables and "averaged over the evaluations" in tables
+    rows = [line for line in tables.splitlines() if line.startswith("| hopper-tiny |")]
+    assert len(rows) == 3 and all(len(row.split("|")) == 7 for row in rows) and all("±" in row for row in rows)
+    assert "| IQL hopper-tiny |" in tables  # Figure 3's table
+    for figure in ("figure2.png", "figure3.png"):
+        assert (tmp_path / "smoke" / figure).stat().st_size > 10_000
+
+
+def test_report_without_runs_says_what_to_do(minari_store, tmp_path):
+    result = benchmark("report.py", minari_store, "--preset", "smoke", "--root", str(tmp_path), "--output", str(tmp_path))
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "python benchmark/run.py --preset smoke" in result.stderr
