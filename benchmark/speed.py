@@ -35,6 +35,9 @@ class Args:
     """action size (halfcheetah)"""
     seconds: float = 10.0
     """timed seconds per measurement (after warm-up)"""
+    rounds: int = 5
+    """plain and BAQ online steps are timed alternately this many times (seconds/rounds each); the BAQ
+    cost is the median of the rounds' ratios, which cancels this machine's drift of +/-10% between runs"""
     warmup: int = 10
     """untimed updates first (includes torch.compile's compilation)"""
     cuda: bool = True
@@ -53,8 +56,8 @@ def filled_buffer(script, args: Args, device):
     return buffer
 
 
-def rate(step, args: Args, device):
-    """Calls of `step` per second over about `args.seconds`, synchronizing the device only at the ends."""
+def rate(step, args: Args, device, seconds=None):
+    """Calls of `step` per second over about `seconds`, synchronizing the device only at the ends."""
     def timed(calls):
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -67,7 +70,7 @@ def rate(step, args: Args, device):
 
     for _ in range(args.warmup):
         step()
-    return timed(max(5, int(args.seconds * timed(5))))
+    return timed(max(5, int((seconds or args.seconds) * timed(5))))
 
 
 def measure(script, args: Args, device, compile: bool):
@@ -107,9 +110,13 @@ def measure(script, args: Args, device, compile: bool):
         idx, batch = buffer.sample(256, prioritized=baq)
         metric_sum.add_(torch.cat([agent.update(batch, buffer.weights[idx]), buffer.behavior_statistics(idx)]))
 
-    for name, baq in (("online (plain)", False), ("online (BAQ)", True)):
-        buffer.size = args.offline_size  # the same buffer contents for both
-        results[name] = rate(lambda: online_step(baq), args, device)
+    rates = {"online (plain)": [], "online (BAQ)": []}
+    for _ in range(args.rounds):
+        for name, baq in (("online (plain)", False), ("online (BAQ)", True)):
+            buffer.size = args.offline_size  # the same buffer contents for both
+            rates[name].append(rate(lambda: online_step(baq), args, device, args.seconds / args.rounds))
+    results.update({name: float(np.median(values)) for name, values in rates.items()})
+    results["BAQ cost"] = float(np.median(np.array(rates["online (plain)"]) / np.array(rates["online (BAQ)"]))) - 1.0
     return results
 
 
@@ -125,15 +132,16 @@ def main(args: Args):
                 results = measure(script, args, device, compile)
                 rows.append((f"{name}.py", device.type, "compiled" if compile else "eager", results))
                 print(f"{name} {device.type} {'compiled' if compile else 'eager'}: " +
-                      ", ".join(f"{phase} {value:.1f}/s" for phase, value in results.items()), flush=True)
-    phases = list(rows[0][3])
+                      ", ".join(f"{phase} {value:.3g}" for phase, value in results.items()), flush=True)
+    phases = [phase for phase in rows[0][3] if phase != "BAQ cost"]
     lines = [f"Updates per second, halfcheetah sizes (obs {args.obs_dim}, actions {args.act_dim}), batch 256, "
              f"{args.offline_size:,} offline transitions, {args.threads} torch threads, {platform.processor() or platform.machine()}, "
-             f"torch {torch.__version__}. BAQ cost = online (BAQ) / online (plain) - 1.", "",
+             f"torch {torch.__version__}. Online columns: medians over {args.rounds} alternating rounds; BAQ cost: the "
+             f"median over rounds of plain rate / BAQ rate - 1.", "",
              "| script | device | mode | " + " | ".join(phases) + " | BAQ cost |", "|" + "---|" * (len(phases) + 4)]
     for script, device, mode, results in rows:
-        cost = results["online (plain)"] / results["online (BAQ)"] - 1.0
-        lines.append(f"| {script} | {device} | {mode} | " + " | ".join(f"{results[p]:.1f}" for p in phases) + f" | {100 * cost:+.1f}% |")
+        lines.append(f"| {script} | {device} | {mode} | " + " | ".join(f"{results[p]:.1f}" for p in phases)
+                     + f" | {100 * results['BAQ cost']:+.1f}% |")
     os.makedirs(os.path.dirname(args.output), exist_ok=True)
     with open(args.output, "w") as f:
         f.write("\n".join(lines) + "\n")
