@@ -402,6 +402,24 @@ class ReplayBuffer:
 
 
 # ---------------------------------------------------------------------------------------------
+# The agents' shared update
+# ---------------------------------------------------------------------------------------------
+class OfflineAgent(nn.Module):
+    """The update that IQL and CQL share (the fine-tuning scripts each carry their own copy): one
+    gradient step on the summed losses, then the soft update of the target critics."""
+
+    def update(self, batch, weights):
+        """One gradient step on a batch (s, a, r, s', terminal) with per-transition weights w."""
+        total_loss, metrics = self.compute_losses(*batch, weights)
+        self.optimizer.zero_grad(set_to_none=True)
+        total_loss.backward()
+        self.optimizer.step()
+        with torch.no_grad():
+            torch._foreach_lerp_(list(self.qf_target.parameters()), list(self.qf.parameters()), self.args.tau)
+        return metrics
+
+
+# ---------------------------------------------------------------------------------------------
 # IQL with the BAQ weights (Eqs. 8, 9)
 # ---------------------------------------------------------------------------------------------
 def expectile_loss(diff, expectile: float):
@@ -425,7 +443,7 @@ def iql_actor_loss(log_prob, advantage, beta: float, exp_adv_max: float):
     return -(torch.exp(beta * advantage).clamp(max=exp_adv_max) * log_prob).mean()
 
 
-class IQL(nn.Module):
+class IQL(OfflineAgent):
     """IQL's actor (the same Gaussian policy as pi_BC), twin Q and V, trained by one optimizer."""
 
     METRICS = ("q_loss", "value_loss", "actor_loss", "q_values")
@@ -467,16 +485,6 @@ class IQL(nn.Module):
         actor_loss = iql_actor_loss(self.actor.log_prob(obs, actions), advantage, args.beta, args.exp_adv_max)
         return value_loss + q_loss + actor_loss, torch.stack([q_loss, value_loss, actor_loss, qs.mean()]).detach()
 
-    def update(self, batch, weights):
-        """One gradient step on a batch (s, a, r, s', terminal) with per-transition weights w."""
-        total_loss, metrics = self.compute_losses(*batch, weights)
-        self.optimizer.zero_grad(set_to_none=True)
-        total_loss.backward()
-        self.optimizer.step()
-        with torch.no_grad():
-            torch._foreach_lerp_(list(self.qf_target.parameters()), list(self.qf.parameters()), self.args.tau)
-        return metrics
-
     @torch.no_grad()
     def act(self, obs, deterministic: bool):
         return self.actor(obs) if deterministic else self.actor.sample(obs)
@@ -509,7 +517,7 @@ def entropy_temperature_loss(log_alpha, log_prob, target_entropy: float):
     return -(log_alpha * (log_prob.detach() + target_entropy)).mean()
 
 
-class CQL(nn.Module):
+class CQL(OfflineAgent):
     """SAC-style CQL: tanh-Gaussian actor, twin Q (3x256), automatic entropy tuning, one optimizer."""
 
     METRICS = ("q_loss", "cql_penalty", "actor_loss", "q_values", "alpha")
@@ -572,16 +580,6 @@ class CQL(nn.Module):
         penalty = cql_penalty(q_sampled, log_density, q_data, args.cql_temperature)
         total_loss = q_loss + self.cql_alpha * penalty + actor_loss + alpha_loss
         return total_loss, torch.stack([q_loss, penalty, actor_loss, q_data.mean(), alpha]).detach()
-
-    def update(self, batch, weights):
-        """One gradient step on a batch (s, a, r, s', terminal) with per-transition weights w."""
-        total_loss, metrics = self.compute_losses(*batch, weights)
-        self.optimizer.zero_grad(set_to_none=True)
-        total_loss.backward()
-        self.optimizer.step()
-        with torch.no_grad():
-            torch._foreach_lerp_(list(self.qf_target.parameters()), list(self.qf.parameters()), self.args.tau)
-        return metrics
 
     @torch.no_grad()
     def act(self, obs, deterministic: bool):

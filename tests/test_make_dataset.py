@@ -31,15 +31,20 @@ def built(tmp_path_factory):
 
 
 def load_episodes(store, dataset_id):
-    os.environ["MINARI_DATASETS_PATH"] = str(store)
+    """A dataset of `store` and its episodes; the session's MINARI_DATASETS_PATH is restored after."""
     import minari
 
-    dataset = minari.load_dataset(dataset_id)
-    return dataset, list(dataset.iterate_episodes())
+    previous = os.environ["MINARI_DATASETS_PATH"]
+    os.environ["MINARI_DATASETS_PATH"] = str(store)
+    try:
+        dataset = minari.load_dataset(dataset_id)
+        return dataset, list(dataset.iterate_episodes())
+    finally:
+        os.environ["MINARI_DATASETS_PATH"] = previous
 
 
 @pytest.mark.parametrize("level, transitions", [("medium", 1500), ("random", 1500), ("medium-replay", 100)])
-def test_datasets_follow_the_d4rl_protocol(built, level, transitions):
+def test_datasets_follow_the_d4rl_protocol(built, minari_store, level, transitions):
     _, store, _ = built
     dataset, episodes = load_episodes(store, f"baq/hopper/{level}-v0")
     assert dataset.total_steps == sum(len(e.actions) for e in episodes) == transitions
@@ -61,7 +66,7 @@ def test_medium_policy_is_saved_with_its_training_record(built):
     assert "medium policy at step 100" in result.stdout + result.stderr
 
 
-def test_from_policy_rebuilds_the_same_datasets(built):
+def test_from_policy_rebuilds_the_same_datasets(built, minari_store):
     tmp_path, store, _ = built
     _, before = load_episodes(store, "baq/hopper/medium-v0")
     result = make_dataset(tmp_path, store, "--from-policy", "--num-transitions", "1500")
@@ -100,7 +105,6 @@ def test_interrupted_training_resumes_exactly(tmp_path):
 @pytest.mark.parametrize("script", PIPELINE_SCRIPTS)
 def test_fine_tuning_runs_on_generated_datasets(built, run_script, tmp_path, script):
     _, store, _ = built
-    os.environ["MINARI_DATASETS_PATH"] = str(store)
     for level in ("medium", "medium-replay"):
         result, run_dir = run_script(f"{script}.py", tmp_path / "runs", env_id=f"baq/hopper/{level}-v0", store=store)
         assert result.returncode == 0, result.stderr
