@@ -36,7 +36,7 @@ class Args:
     cuda: bool = True
     """use CUDA when it is available (otherwise the CPU, with a one-line note)"""
     compile: bool = True
-    """torch.compile the losses (forward and backward; ~20 s once, then 5-15% faster on a CPU)"""
+    """torch.compile the losses (forward and backward; 20-60 s once, then 0-20% faster on a CPU in our runs)"""
     runs_dir: str = "runs"
     """directory under which the run directory (TensorBoard events and checkpoints) is created"""
     offline_steps: int = 1_000_000
