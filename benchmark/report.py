@@ -80,9 +80,11 @@ def table(values: Dict, datasets: List[str], methods: List[str], with_total: boo
     lines = ["| dataset | " + " | ".join(METHOD_LABELS[m] for m in methods) + " |", "|---|" + "---|" * len(methods)]
     for dataset in datasets:
         lines.append(f"| {short_name(dataset)} | " + " | ".join(cell(values.get((dataset, m), np.array([]))) for m in methods) + " |")
-    if with_total:  # the sum over datasets of the mean over seeds, as in the paper
-        totals = [sum(values[(d, m)].mean() for d in datasets if (d, m) in values) for m in methods]
-        lines.append("| Total | " + " | ".join(f"{t:.1f}" for t in totals) + " |")
+    if with_total:  # the sum over datasets of the mean over seeds, as in the paper; a partial sum would mislead
+        present = [[d for d in datasets if (d, m) in values] for m in methods]
+        lines.append("| Total | " + " | ".join(
+            f"{sum(values[(d, m)].mean() for d in have):.1f}" if len(have) == len(datasets) else f"({len(have)} of {len(datasets)} datasets)"
+            for m, have in zip(methods, present)) + " |")
     return lines
 
 

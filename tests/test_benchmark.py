@@ -1,8 +1,10 @@
 """benchmark/run.py and benchmark/report.py: the smoke preset end to end on the tiny dataset."""
+import importlib.util
 import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from conftest import ROOT
@@ -74,3 +76,15 @@ def test_report_without_runs_says_what_to_do(minari_store, tmp_path):
     result = benchmark("report.py", minari_store, "--preset", "smoke", "--root", str(tmp_path), "--output", str(tmp_path))
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert "python benchmark/run.py --preset smoke" in result.stderr
+
+
+def test_total_is_left_out_for_a_method_missing_a_dataset():
+    spec = importlib.util.spec_from_file_location("report", ROOT / "benchmark" / "report.py")
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    values = {("baq-hopper-medium-v0", "iql"): np.array([60.0, 70.0]), ("baq-walker2d-medium-v0", "iql"): np.array([80.0]),
+              ("baq-hopper-medium-v0", "iql-baq"): np.array([75.0, 77.0])}
+    lines = report.table(values, ["baq-hopper-medium-v0", "baq-walker2d-medium-v0"], ["iql", "iql-baq"])
+    assert lines[2] == "| hopper-medium | 65.0 ± 5.0 | 76.0 ± 1.0 |"
+    assert lines[3] == "| walker2d-medium | 80.0 ± 0.0 |  |"
+    assert lines[-1] == "| Total | 145.0 | (1 of 2 datasets) |"
