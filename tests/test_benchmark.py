@@ -1,5 +1,5 @@
 """benchmark/run.py and benchmark/report.py: the smoke preset end to end on the tiny dataset."""
-import importlib.util
+import importlib
 import os
 import subprocess
 import sys
@@ -79,9 +79,7 @@ def test_report_without_runs_says_what_to_do(minari_store, tmp_path):
 
 
 def test_total_is_left_out_for_a_method_missing_a_dataset():
-    spec = importlib.util.spec_from_file_location("report", ROOT / "benchmark" / "report.py")
-    report = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(report)
+    report = importlib.import_module("benchmark.report")
     values = {("baq-hopper-medium-v0", "iql"): np.array([60.0, 70.0]), ("baq-walker2d-medium-v0", "iql"): np.array([80.0]),
               ("baq-hopper-medium-v0", "iql-baq"): np.array([75.0, 77.0])}
     lines = report.table(values, ["baq-hopper-medium-v0", "baq-walker2d-medium-v0"], ["iql", "iql-baq"])
