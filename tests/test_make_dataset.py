@@ -10,12 +10,13 @@ import torch
 from conftest import PIPELINE_SCRIPTS, ROOT
 
 TINY_SAC = ["--max-episode-steps", "50", "--learning-starts", "100", "--eval-every", "100", "--eval-episodes", "3",
-            "--num-envs", "4", "--hidden-dim", "32", "--batch-size", "32", "--checkpoint-every", "150", "--threads", "1"]
+            "--num-envs", "4", "--hidden-dim", "32", "--batch-size", "32", "--checkpoint-every", "150", "--threads", "1", "--no-compile"]
 
 
 def make_dataset(tmp_path, store, *flags):
     command = [sys.executable, str(ROOT / "benchmark" / "make_dataset.py"), "--env", "hopper",
-               "--work-dir", str(tmp_path / "work"), "--policy-dir", str(tmp_path / "policies"), *TINY_SAC, *flags]
+               "--work-dir", str(tmp_path / "work"), "--state-dir", str(tmp_path / "state"),
+               "--policy-dir", str(tmp_path / "policies"), *TINY_SAC, *flags]
     environment = {**os.environ, "MINARI_DATASETS_PATH": str(store), "PYTHONWARNINGS": "ignore"}
     return subprocess.run(command, capture_output=True, text=True, env=environment, timeout=600)
 
@@ -109,3 +110,69 @@ def test_fine_tuning_runs_on_generated_datasets(built, run_script, tmp_path, scr
         result, run_dir = run_script(f"{script}.py", tmp_path / "runs", env_id=f"baq/hopper/{level}-v0", store=store)
         assert result.returncode == 0, result.stderr
         assert (run_dir / "final.pt").exists()
+
+
+def test_lost_work_dir_continues_from_the_training_state(tmp_path):
+    unreachable = ["--medium-return", "1e9"]
+    first = make_dataset(tmp_path, tmp_path / "store", *unreachable, "--max-steps", "350")
+    assert first.returncode != 0 and (tmp_path / "state" / "hopper-sac-seed0.pt").exists()
+    state_only = torch.load(tmp_path / "state" / "hopper-sac-seed0.pt", weights_only=True)
+    assert "replay" not in state_only and state_only["state"]["step"] > 150
+    for path in (tmp_path / "work").iterdir():
+        path.unlink()
+    second = make_dataset(tmp_path, tmp_path / "store", *unreachable, "--max-steps", "700")
+    assert "continued from the training state" in second.stdout and "not exact" in second.stdout
+    after = torch.load(tmp_path / "work" / "hopper-sac-seed0.pt", weights_only=True)
+    assert after["state"]["step"] > state_only["state"]["step"]
+    # the refilled buffer holds only what came after the continuation
+    assert after["state"]["replay_size"] == after["state"]["step"] - state_only["state"]["step"]
+
+
+def test_expert_training_keeps_a_saved_medium_policy(built, tmp_path):
+    built_dir, _, _ = built
+    (tmp_path / "policies").mkdir()
+    medium = (built_dir / "policies" / "hopper-medium.pt").read_bytes()
+    (tmp_path / "policies" / "hopper-medium.pt").write_bytes(medium)
+    result = make_dataset(tmp_path, tmp_path / "store", "--expert", "--expert-return", "1e9", "--max-steps", "300")
+    assert "medium policy is already saved" in result.stdout and "did not reach the expert return" in result.stderr
+    assert (tmp_path / "policies" / "hopper-medium.pt").read_bytes() == medium
+    assert not (tmp_path / "store").exists()  # no medium-replay rewritten
+
+
+def test_one_sac_step_equals_three_sequential_steps():
+    """The summed loss with one Adam step is SAC's critic, actor and temperature updates, each on
+    the parameters from before the step."""
+    import copy
+
+    from benchmark import make_dataset
+
+    torch.manual_seed(0)
+    args = make_dataset.Args(hidden_dim=16, compile=False)
+    agent = make_dataset.SAC(5, 2, args)
+    reference = copy.deepcopy(agent)
+    batch = [torch.randn(8, 5), torch.rand(8, 2) * 2 - 1, torch.randn(8), torch.randn(8, 5), torch.zeros(8)]
+    torch.manual_seed(1)
+    agent.update(*batch)
+
+    torch.manual_seed(1)  # the same draws, in the same order, as in SAC.loss
+    obs, actions, rewards, next_obs, terminals = batch
+    alpha = reference.log_alpha.exp().detach()
+    with torch.no_grad():
+        next_actions, next_log_prob = reference.actor(next_obs)
+        target = rewards + args.gamma * (reference.targets(next_obs, next_actions).min(0).values - alpha * next_log_prob)
+    critic_loss = (reference.critics(obs, actions) - target).pow(2).mean(1).sum()
+    new_actions, log_prob = reference.actor(obs)
+    critics_before = copy.deepcopy(reference.critics).requires_grad_(False)
+    actor_loss = (alpha * log_prob - critics_before(obs, new_actions).min(0).values).mean()
+    alpha_loss = -(reference.log_alpha * (log_prob.detach() + reference.target_entropy)).mean()
+    for parameters, loss in ((reference.critics.parameters(), critic_loss), (reference.actor.parameters(), actor_loss),
+                             ([reference.log_alpha], alpha_loss)):
+        optimizer = torch.optim.Adam(parameters, lr=args.learning_rate)
+        optimizer.zero_grad()
+        loss.backward(retain_graph=True)
+        optimizer.step()
+    with torch.no_grad():
+        for target_parameter, online in zip(reference.targets.parameters(), reference.critics.parameters()):
+            target_parameter.lerp_(online, args.tau)
+    for (name, mine), theirs in zip(agent.state_dict().items(), reference.state_dict().values()):
+        torch.testing.assert_close(mine, theirs, msg=name)
