@@ -1,7 +1,20 @@
-# BAQ on IQL, one file: offline IQL pretraining, the behavior-cloning reference pi_BC (Eq. 2) and
-# Behavior Adaption Q-learning fine-tuning online (Eqs. 6, 8, 9, 10) with evaluation, TensorBoard
-# logging and checkpoints. Paper: "From Static to Dynamic: Leveraging Implicit Behavioral Models to
-# Facilitate Transition in Offline-to-Online Reinforcement Learning" (BAQ).
+# BAQ on IQL in one file: offline IQL pretraining, the behavior-cloning reference pi_BC, and Behavior
+# Adaption Q-learning fine-tuning online, with evaluation, TensorBoard logging and checkpoints.
+# Paper: "From Static to Dynamic: Leveraging Implicit Behavioral Models to Facilitate Transition in
+# Offline-to-Online Reinforcement Learning" (BAQ).
+#
+# Where the paper's equations live:
+#   Eq. 2         pi_BC's negative log-likelihood ......... train_bc
+#   Eq. 6         the weight w(s,a) ....................... behavior_weight
+#   Eq. 10        the priority rho and its sampling ....... behavior_priority, ReplayBuffer.sample
+#   Eqs. 4, 8, 9  IQL's V and Q losses, weighted by w ..... iql_value_loss, iql_q_loss, IQL.losses
+#   In `main`, "Eq. N" marks where each one enters the run.
+#
+# To try another idea, edit above the PLUMBING banner: a new weight or priority (the BAQ section),
+# another loss (IQL.losses; read its docstring first), the online loop (main). Below the banner
+# nothing depends on the algorithm (errors, data loading, evaluation, checkpoints): leave it alone.
+# Definitions that baq_cql.py, offline_pretrain.py or bc_pretrain.py also have are identical text in
+# all of them (tests/test_copies.py checks it): change them everywhere at once.
 import ctypes
 import math
 import os
@@ -25,10 +38,12 @@ ALGORITHM = "iql"
 
 @dataclass
 class Args:
-    exp_name: str = os.path.basename(__file__)[: -len(".py")]
-    """the name of this experiment; runs are written to {runs_dir}/{env_id}__{exp_name}__{seed}__{time}"""
+    exp_name: Optional[str] = None
+    """name of the experiment, in the run directory {runs_dir}/{env_id}__{exp_name}__{seed}__{time};
+    default: the script and its variant (baq_iql, baq_iql-our-q, baq_iql-our-s, baq_iql-plain)"""
     env_id: str = "hopper-medium-v2"
-    """the offline dataset: a D4RL name ({hopper,halfcheetah,walker2d}-{medium,medium-replay,medium-expert,expert,random}-v2) or any Minari dataset id (e.g. baq/hopper/medium-v0)"""
+    """the offline dataset: a D4RL name ({hopper,halfcheetah,walker2d}-{medium,medium-replay,medium-expert,
+    expert,random}-v2) or any Minari dataset id (e.g. baq/hopper/medium-v0)"""
     seed: int = 1
     """seed of the experiment (python, numpy, torch, environments, replay sampling)"""
     torch_deterministic: bool = True
@@ -36,7 +51,11 @@ class Args:
     cuda: bool = True
     """use CUDA when it is available (otherwise the CPU, with a one-line note)"""
     compile: bool = True
-    """torch.compile the losses (forward and backward; 20-60 s once, then 0-20% faster on a CPU in our runs)"""
+    """torch.compile the losses. On by default for IQL: on our 2-core CPU compiled updates ran 192 against
+    162 updates/s eager, for a one-time cost of 20-60 s. Not measured on a GPU."""
+    threads: int = 0
+    """torch threads (0: torch's default, one per core); give 1 when other jobs share the cores: on 2 cores,
+    BC ran 83 updates/s with 2 threads beside other work and 300 with 1"""
     runs_dir: str = "runs"
     """directory under which the run directory (TensorBoard events and checkpoints) is created"""
 
@@ -44,11 +63,13 @@ class Args:
     offline_steps: int = 1_000_000
     """offline gradient updates (skipped with --offline-checkpoint)"""
     bc_steps: int = 100_000
-    """gradient updates of the behavior-cloning reference pi_BC (skipped with --bc-checkpoint)"""
+    """gradient updates of the behavior-cloning reference pi_BC (skipped with --bc-checkpoint; 0 leaves
+    pi_BC at its random initialization)"""
     online_steps: int = 30_000
     """online environment steps of fine-tuning, one gradient update each (the paper's Table 1 budget)"""
     offline_checkpoint: Optional[str] = None
-    """an `offline.pt` of an earlier run of this algorithm on the same dataset: skips offline pretraining"""
+    """an `offline.pt` of an earlier run of this algorithm on the same dataset: skips offline pretraining
+    (its weights and Adam moments are loaded; the learning rates are this run's flags)"""
     bc_checkpoint: Optional[str] = None
     """a `bc.pt` of an earlier run on the same dataset: skips behavior cloning"""
 
@@ -66,21 +87,22 @@ class Args:
     batch_size: int = 256
     """batch size of every gradient update"""
     gamma: float = 0.99
-    """discount factor"""
+    """discount factor, in [0, 1)"""
     tau: float = 0.005
-    """target network soft-update rate"""
+    """target network soft-update rate, in (0, 1]"""
     hidden_dim: int = 256
     """width of every hidden layer"""
     obs_norm_eps: float = 1e-3
     """added to the dataset's observation std for state normalization"""
     reward_scale: Optional[float] = None
-    """multiplies every reward; default: 1000 / (max - min episode return of the dataset), as the IQL paper does for locomotion"""
+    """multiplies every reward; default: 1000 / (max - min episode return of the dataset), the IQL paper's
+    locomotion setting"""
     bc_lr: float = 3e-4
     """learning rate of pi_BC"""
 
     # IQL
     expectile: float = 0.7
-    """expectile tau of the value loss (Eq. 4)"""
+    """expectile tau of the value loss (Eq. 4), in (0, 1)"""
     beta: float = 3.0
     """inverse temperature of IQL's advantage-weighted regression"""
     exp_adv_max: float = 100.0
@@ -98,21 +120,458 @@ class Args:
     priority_sampling: bool = True
     """sample transitions proportionally to rho (Eq. 10); alone: the paper's Our-S"""
     kq: Optional[float] = None
-    """k_q of Eq. 6; default: the offline dataset's mean of mean((pi_BC(s)-a)^2), so a typical offline transition has w = exp(-1)"""
+    """k_q of Eq. 6; default: the offline dataset's mean of mean((pi_BC(s)-a)^2), so that a typical offline
+    transition has w = exp(-1)"""
     krho: Optional[float] = None
-    """k_rho of Eq. 10; default: the offline dataset's mean of ||pi_BC(s)-a||, so a typical offline transition has rho = 2^alpha"""
+    """k_rho of Eq. 10; default: the offline dataset's mean of ||pi_BC(s)-a||, so that a typical offline
+    transition has rho = 2^alpha"""
     priority_alpha: float = 1.0
-    """alpha of Eq. 10"""
+    """alpha of Eq. 10 (0: uniform sampling; negative: transitions near pi_BC are sampled more)"""
+
+    def __post_init__(self):
+        check_flags(self)
+        if self.exp_name is None:
+            variant = {(True, True): "", (True, False): "-our-q", (False, True): "-our-s", (False, False): "-plain"}
+            self.exp_name = f"baq_{ALGORITHM}" + variant[self.weighted_loss, self.priority_sampling]
 
 
+# =============================================================================================
+# BAQ: pi_BC (Eq. 2), the weight w (Eq. 6) and the priority rho (Eq. 10)
+# =============================================================================================
+@torch.no_grad()
+def bc_divergence(bc_policy, obs, actions, chunk: int = 65536):
+    """mean((pi_BC(s) - a)^2) over action dimensions, per transition."""
+    return torch.cat([(bc_policy(o) - a).pow(2).mean(-1) for o, a in zip(obs.split(chunk), actions.split(chunk))])
+
+
+def behavior_weight(divergence, kq: float):
+    """Eq. 6: w(s,a) = exp(-mean((pi_BC(s) - a)^2) / k_q)."""
+    return torch.exp(-divergence / kq)
+
+
+def behavior_priority(divergence, act_dim: int, krho: float, alpha: float):
+    """Eq. 10: rho = (||pi_BC(s) - a|| / k_rho + 1)^alpha, with ||.||^2 = act_dim * mean(.^2)."""
+    return (torch.sqrt(divergence * act_dim) / krho + 1.0).pow(alpha)
+
+
+def set_offline_behavior_terms(buffer, weights, priorities):
+    """The offline transitions entered the buffer before pi_BC existed; give them their w and rho."""
+    buffer.weights[: buffer.size] = weights
+    buffer.priorities[: buffer.size] = priorities
+    buffer.priority_prefix_sum[: buffer.size] = torch.cumsum(buffer.priorities[: buffer.size].double(), 0)
+
+
+def train_bc(observations, actions, max_action: float, args: Args, writer):
+    """Eq. 2: pi_BC = argmin E_(s,a)~D[-log pi(a|s)] on the offline dataset's (normalized) states and
+    actions. Its own seed streams make pi_BC the same whether or not an offline phase ran before it,
+    and the same in every script."""
+    device = observations.device
+    torch.manual_seed(args.seed)
+    generator = torch.Generator(device).manual_seed(args.seed + 1)
+    bc_policy = GaussianPolicy(observations.shape[1], actions.shape[1], args.hidden_dim, max_action).to(device)
+    optimizer = torch.optim.Adam(bc_policy.parameters(), lr=args.bc_lr)
+    loss_sum, start = torch.zeros((), device=device), time.time()
+    for step in range(1, args.bc_steps + 1):
+        idx = torch.randint(0, len(observations), (args.batch_size,), device=device, generator=generator)
+        loss = -bc_policy.log_prob(observations[idx], actions[idx]).mean()  # Eq. 2
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        loss_sum += loss.detach()
+        if step % args.log_every == 0 or step == args.bc_steps:
+            count = step % args.log_every or args.log_every
+            writer.add_scalar("bc/loss", (loss_sum / count).item(), step)
+            writer.add_scalar("bc/mse", bc_divergence(bc_policy, observations[idx], actions[idx]).mean().item(), step)
+            writer.add_scalar("bc/SPS", int(step / (time.time() - start)), step)
+            loss_sum.zero_()
+    return bc_policy
+
+
+# =============================================================================================
+# IQL with the BAQ weights (Eqs. 4, 8, 9)
+# =============================================================================================
+def expectile_loss(diff, expectile: float):
+    """L2_tau(u) = |tau - 1(u < 0)| u^2 (Eq. 4)."""
+    return torch.abs(expectile - (diff < 0).float()) * diff.pow(2)
+
+
+def iql_value_loss(target_q, v, weights, expectile: float):
+    """Eq. 8: E[w(s,a) L2_tau(Q(s,a) - V(s))]."""
+    return (weights * expectile_loss(target_q - v, expectile)).mean()
+
+
+def iql_q_loss(qs, rewards, terminals, next_v, weights, gamma: float):
+    """Eq. 9: E[w(s,a) (r + gamma V(s') - Q(s,a))^2], averaged over the twin critics."""
+    target = rewards + gamma * (1.0 - terminals) * next_v
+    return (weights * (target - qs).pow(2)).mean()
+
+
+def iql_actor_loss(log_prob, advantage, beta: float, exp_adv_max: float):
+    """IQL's advantage-weighted regression: E[-exp(beta A) log pi(a|s)], exp clipped."""
+    return -(torch.exp(beta * advantage).clamp(max=exp_adv_max) * log_prob).mean()
+
+
+def mlp(in_dim: int, out_dim: int, hidden_dim: int, n_hidden: int) -> nn.Sequential:
+    layers, dim = [], in_dim
+    for _ in range(n_hidden):
+        layers += [nn.Linear(dim, hidden_dim), nn.ReLU()]
+        dim = hidden_dim
+    return nn.Sequential(*layers, nn.Linear(dim, out_dim))
+
+
+class GaussianPolicy(nn.Module):
+    """Gaussian with a tanh-bounded mean and a state-independent log-std: pi_BC of Eq. 2, IQL's actor."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden_dim: int, max_action: float):
+        super().__init__()
+        self.net = mlp(obs_dim, act_dim, hidden_dim, n_hidden=2)
+        self.log_std = nn.Parameter(torch.zeros(act_dim))
+        self.max_action = max_action
+
+    def forward(self, obs):
+        return self.max_action * torch.tanh(self.net(obs))
+
+    def log_prob(self, obs, actions):
+        log_std = self.log_std.clamp(-20.0, 2.0)
+        z = (actions - self(obs)) * torch.exp(-log_std)
+        return (-0.5 * z.pow(2) - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
+
+    def sample(self, obs):
+        mean = self(obs)
+        action = mean + torch.randn_like(mean) * self.log_std.clamp(-20.0, 2.0).exp()
+        return action.clamp(-self.max_action, self.max_action)
+
+
+class EnsembleLinear(nn.Module):
+    """`size` independent linear layers evaluated as one batched matrix product."""
+
+    def __init__(self, in_dim: int, out_dim: int, size: int):
+        super().__init__()
+        bound = 1.0 / math.sqrt(in_dim)  # nn.Linear's default initialization, per member
+        self.weight = nn.Parameter(torch.empty(size, in_dim, out_dim).uniform_(-bound, bound))
+        self.bias = nn.Parameter(torch.empty(size, 1, out_dim).uniform_(-bound, bound))
+
+    def forward(self, x):
+        return torch.baddbmm(self.bias, x, self.weight)
+
+
+class TwinQ(nn.Module):
+    """Two Q networks as one ensemble network: Q(s, a) -> [2, batch]."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden_dim: int, n_hidden: int = 2):
+        super().__init__()
+        dims = [obs_dim + act_dim] + [hidden_dim] * n_hidden
+        self.hidden = nn.ModuleList(EnsembleLinear(i, o, 2) for i, o in zip(dims[:-1], dims[1:]))
+        self.out = EnsembleLinear(hidden_dim, 1, 2)
+
+    def forward(self, obs, actions):
+        x = torch.cat([obs, actions], -1).expand(2, *obs.shape[:-1], obs.shape[-1] + actions.shape[-1])
+        for layer in self.hidden:
+            x = torch.relu(layer(x))
+        return self.out(x).squeeze(-1)
+
+
+class ActorCritic(nn.Module):
+    """What IQL and CQL share: one gradient step on the summed losses (see their `losses`), the soft
+    update of the target critics, pretrained weights loaded under this run's learning rates, and the
+    Q-value used by evaluation. Subclasses set actor, qf, qf_target, optimizer, compute_losses, args."""
+
+    def update(self, batch, weights):
+        """One gradient step on a batch (s, a, r, s', terminal) with per-transition weights w."""
+        total_loss, metrics = self.compute_losses(*batch, weights)
+        self.optimizer.zero_grad(set_to_none=True)
+        total_loss.backward()
+        self.optimizer.step()
+        with torch.no_grad():
+            for target, online in zip(self.qf_target.parameters(), self.qf.parameters()):
+                target.lerp_(online, self.args.tau)
+        return metrics
+
+    def load_pretrained(self, state_dict: dict):
+        """Weights and Adam moments of a checkpoint; the learning rates stay this run's flags."""
+        self.load_state_dict(state_dict["agent"])
+        learning_rates = [group["lr"] for group in self.optimizer.param_groups]
+        self.optimizer.load_state_dict(state_dict["optimizer"])
+        for group, lr in zip(self.optimizer.param_groups, learning_rates):
+            group["lr"] = lr
+
+    @torch.no_grad()
+    def q_value(self, obs, actions):
+        return self.qf(obs, actions).min(0).values
+
+
+class IQL(ActorCritic):
+    """IQL's actor (the same Gaussian policy as pi_BC), twin Q and V, trained by one optimizer."""
+
+    METRICS = ("q_loss", "value_loss", "actor_loss", "q_values")
+
+    def __init__(self, obs_dim, act_dim, max_action, args: Args):
+        super().__init__()
+        self.actor = GaussianPolicy(obs_dim, act_dim, args.hidden_dim, max_action)
+        self.qf = TwinQ(obs_dim, act_dim, args.hidden_dim)
+        self.qf_target = TwinQ(obs_dim, act_dim, args.hidden_dim).requires_grad_(False)
+        self.qf_target.load_state_dict(self.qf.state_dict())
+        self.vf = mlp(obs_dim, 1, args.hidden_dim, n_hidden=2)
+        self.optimizer = torch.optim.Adam([
+            {"params": self.actor.parameters(), "lr": args.actor_lr},
+            {"params": self.qf.parameters(), "lr": args.critic_lr},
+            {"params": self.vf.parameters(), "lr": args.value_lr},
+        ], fused=True)
+        self.compute_losses = torch.compile(self.losses) if args.compile else self.losses
+        self.args = args
+
+    def set_actor_lr(self, lr: float):
+        self.optimizer.param_groups[0]["lr"] = lr
+
+    def start_online(self):
+        """The offline cosine schedule ends with the offline phase: a constant actor lr online."""
+        self.set_actor_lr(self.args.actor_lr)
+
+    def losses(self, obs, actions, rewards, next_obs, terminals, weights):
+        """IQL's V, Q and actor losses, summed. One backward pass and one Adam step on the sum equal the
+        peer's (CORL's) three separate updates, because every loss is built from the parameters as they
+        were before this step (the actor's advantage is detached, the Q target comes from the target
+        network and V(s') is computed without gradient) and each reaches only its own parameter group.
+        An edit that lets a loss reach another network's parameters (e.g. an actor loss through Q(s, pi(s))
+        without detaching the critic) silently changes the algorithm: detach, or step it separately."""
+        args = self.args
+        with torch.no_grad():
+            target_q = self.qf_target(obs, actions).min(0).values
+            next_v = self.vf(next_obs).squeeze(-1)
+        v = self.vf(obs).squeeze(-1)
+        value_loss = iql_value_loss(target_q, v, weights, args.expectile)  # Eq. 8
+        qs = self.qf(obs, actions)
+        q_loss = iql_q_loss(qs, rewards, terminals, next_v, weights, args.gamma)  # Eq. 9
+        advantage = (target_q - v).detach()
+        actor_loss = iql_actor_loss(self.actor.log_prob(obs, actions), advantage, args.beta, args.exp_adv_max)
+        return value_loss + q_loss + actor_loss, torch.stack([q_loss, value_loss, actor_loss, qs.mean()]).detach()
+
+    @torch.no_grad()
+    def act(self, obs, deterministic: bool):
+        return self.actor(obs) if deterministic else self.actor.sample(obs)
+
+
+Agent = IQL
+
+
+# =============================================================================================
+# The replay buffer: offline and online data, uniform or proportional (Eq. 10) sampling
+# =============================================================================================
+class ReplayBuffer:
+    """Offline and online transitions in one preallocated buffer on the device, each with its weight w
+    (Eq. 6) and priority rho (Eq. 10). pi_BC is frozen and a stored action never changes, so w and rho
+    are fixed when a transition enters. Proportional sampling, P_i = rho_i / sum_j rho_j, is then exact
+    and O(log n) per sample: an append-only float64 prefix sum of rho and a binary search, with no pass
+    over the buffer per update."""
+
+    def __init__(self, capacity: int, obs_dim: int, act_dim: int, device, seed: int):
+        def zeros(*shape, dtype=torch.float32):
+            return torch.zeros(capacity, *shape, dtype=dtype, device=device)
+
+        self.observations, self.next_observations = zeros(obs_dim), zeros(obs_dim)
+        self.actions, self.rewards, self.terminals = zeros(act_dim), zeros(), zeros()
+        self.weights, self.priorities = zeros(), zeros()
+        self.priority_prefix_sum = zeros(dtype=torch.float64)
+        self.capacity, self.size, self.device = capacity, 0, device
+        self.generator = torch.Generator(device).manual_seed(seed)
+
+    def add(self, obs, actions, rewards, next_obs, terminals, weights, priorities):
+        n, start = len(rewards), self.size
+        if start + n > self.capacity:
+            raise ValueError(f"replay buffer overflow: {start} + {n} > capacity {self.capacity}")
+        end = start + n
+        for column, value in ((self.observations, obs), (self.actions, actions), (self.rewards, rewards),
+                              (self.next_observations, next_obs), (self.terminals, terminals),
+                              (self.weights, weights), (self.priorities, priorities)):
+            column[start:end] = torch.as_tensor(value, dtype=column.dtype, device=self.device)
+        previous = self.priority_prefix_sum[start - 1] if start > 0 else 0.0
+        self.priority_prefix_sum[start:end] = previous + torch.cumsum(self.priorities[start:end].double(), 0)
+        self.size = end
+
+    def sample(self, batch_size: int, prioritized: bool = False):
+        """Indices and (s, a, r, s', terminal) of a batch, uniform or with P_i = rho_i / sum_j rho_j."""
+        if prioritized:
+            total = self.priority_prefix_sum[self.size - 1]
+            u = torch.rand(batch_size, dtype=torch.float64, device=self.device, generator=self.generator) * total
+            idx = torch.searchsorted(self.priority_prefix_sum[: self.size], u, right=True).clamp_(max=self.size - 1)
+        else:
+            idx = torch.randint(0, self.size, (batch_size,), device=self.device, generator=self.generator)
+        return idx, (self.observations[idx], self.actions[idx], self.rewards[idx], self.next_observations[idx],
+                     self.terminals[idx])
+
+
+# =============================================================================================
+# The run: offline pretraining, pi_BC, BAQ fine-tuning online
+# =============================================================================================
+def main(args: Args):
+    device = seed_and_pick_device(args)
+
+    # --- data ---------------------------------------------------------------------------------
+    data, make_env, ref_scores, max_action = load_offline_data(args.env_id)
+    obs_dim, act_dim, n_offline = data["observations"].shape[1], data["actions"].shape[1], len(data["rewards"])
+    context = {"dataset_id": args.env_id, "obs_dim": obs_dim, "act_dim": act_dim, "hidden_dim": args.hidden_dim}
+    offline_checkpoint = bc_checkpoint = None
+    if args.offline_checkpoint:
+        offline_checkpoint = load_checkpoint(args.offline_checkpoint, "--offline-checkpoint", "offline", (ALGORITHM,),
+                                             context)
+    if args.bc_checkpoint:
+        bc_checkpoint = load_checkpoint(args.bc_checkpoint, "--bc-checkpoint", "bc", ("bc",), context)
+    obs_mean, obs_std, reward_scale = data_statistics(data, args, offline_checkpoint, bc_checkpoint)
+    context.update(obs_mean=torch.as_tensor(obs_mean), obs_std=torch.as_tensor(obs_std), reward_scale=reward_scale)
+
+    def normalize(obs):
+        return (obs - obs_mean) / obs_std
+
+    buffer = ReplayBuffer(n_offline + args.online_steps, obs_dim, act_dim, device, args.seed)
+    ones = np.ones(n_offline, dtype=np.float32)  # w and rho of the offline data, until pi_BC exists
+    buffer.add(normalize(data["observations"]), data["actions"], data["rewards"] * reward_scale,
+               normalize(data["next_observations"]), data["terminals"], ones, ones)
+    del data
+    run_dir, writer = start_run(args, f"{n_offline} offline transitions, obs {obs_dim}, actions {act_dim}, "
+                                      f"reward scale {reward_scale:.4g}, device {device}", ref_scores)
+    agent = Agent(obs_dim, act_dim, max_action, args).to(device)
+    eval_env = make_env(eval_env=True)
+    eval_env.action_space.seed(args.seed)
+
+    def run_evaluation(prefix: str, step: int):
+        returns, q_bias = evaluate(agent, eval_env, normalize, args.eval_episodes, args.seed + 10_000, args.gamma,
+                                   reward_scale, device)
+        log_evaluation(writer, prefix, step, ref_scores, returns, q_bias)
+
+    # --- offline pretraining ------------------------------------------------------------------
+    if offline_checkpoint:
+        agent.load_pretrained(offline_checkpoint["state_dict"])
+        print(f"offline phase skipped: loaded {args.offline_checkpoint}")
+    else:
+        metric_sum, start = torch.zeros(len(Agent.METRICS), device=device), time.time()
+        unit_weights = torch.ones(args.batch_size, device=device)  # offline, w = 1: plain IQL
+        for step in range(1, args.offline_steps + 1):
+            # cosine decay of the actor lr, ending with the offline phase
+            agent.set_actor_lr(args.actor_lr * 0.5 * (1.0 + math.cos(math.pi * (step - 1) / args.offline_steps)))
+            metric_sum += agent.update(buffer.sample(args.batch_size)[1], unit_weights)
+            if step % args.log_every == 0 or step == args.offline_steps:
+                count = step % args.log_every or args.log_every
+                log_metrics(writer, "offline/losses/", Agent.METRICS, metric_sum, count, step)
+                writer.add_scalar("offline/charts/SPS", int(step / (time.time() - start)), step)
+                metric_sum.zero_()
+            if (args.offline_eval_every and step % args.offline_eval_every == 0) or step == args.offline_steps:
+                run_evaluation("offline/", step)
+        save_checkpoint(os.path.join(run_dir, "offline.pt"), "offline", ALGORITHM,
+                        {"agent": agent.state_dict(), "optimizer": agent.optimizer.state_dict()}, context, args)
+    agent.start_online()
+
+    # --- behavior-cloning reference pi_BC (Eq. 2) ---------------------------------------------
+    if bc_checkpoint:
+        bc_policy = GaussianPolicy(obs_dim, act_dim, args.hidden_dim, max_action).to(device)
+        bc_policy.load_state_dict(bc_checkpoint["state_dict"])
+        print(f"BC phase skipped: loaded {args.bc_checkpoint}")
+    else:
+        bc_policy = train_bc(buffer.observations[:n_offline], buffer.actions[:n_offline], max_action, args, writer)
+        save_checkpoint(os.path.join(run_dir, "bc.pt"), "bc", "bc", bc_policy.state_dict(), context, args)
+    bc_policy.requires_grad_(False).eval()
+
+    # --- BAQ terms of the offline data: computed once, kept in the buffer ---------------------
+    offline_divergence = bc_divergence(bc_policy, buffer.observations[:n_offline], buffer.actions[:n_offline])
+    kq = args.kq or offline_divergence.mean().item()
+    krho = args.krho or torch.sqrt(offline_divergence * act_dim).mean().item()
+
+    def behavior_terms(divergence):
+        weights = behavior_weight(divergence, kq) if args.weighted_loss else torch.ones_like(divergence)  # Eq. 6
+        return weights, behavior_priority(divergence, act_dim, krho, args.priority_alpha)  # Eq. 10
+
+    set_offline_behavior_terms(buffer, *behavior_terms(offline_divergence))
+    offline_w, offline_rho = buffer.weights[:n_offline], buffer.priorities[:n_offline]
+    summary = (f"k_q {kq:.4g}, k_rho {krho:.4g}, alpha {args.priority_alpha}; offline data: "
+               f"w mean {offline_w.mean():.3f} (min {offline_w.min():.3f}), "
+               f"rho mean {offline_rho.mean():.3f} (max {offline_rho.max():.3f})")
+    print(f"BAQ: {summary}")
+    writer.add_text("baq", summary)
+
+    # --- online fine-tuning -------------------------------------------------------------------
+    torch.manual_seed(args.seed + 2)  # the same online phase whether the earlier phases ran or were loaded
+    buffer.generator.manual_seed(args.seed + 2)
+    env = make_env()
+    env.action_space.seed(args.seed)
+    obs, _ = env.reset(seed=args.seed)
+    episode_return, episode_length = 0.0, 0
+    metric_tags = [f"losses/{name}" for name in Agent.METRICS] + ["baq/w_mean", "baq/rho_mean", "baq/online_fraction"]
+    metric_sum, start = torch.zeros(len(metric_tags), device=device), time.time()
+    for step in range(args.online_steps):
+        if step % args.eval_every == 0:
+            run_evaluation("", step)
+        state = torch.as_tensor(normalize(obs), dtype=torch.float32, device=device)[None]
+        action = agent.act(state, deterministic=False)
+        next_obs, reward, terminated, truncated, _ = env.step(action[0].cpu().numpy())
+        weight, priority = behavior_terms(bc_divergence(bc_policy, state, action))  # Eqs. 6, 10, once per transition
+        buffer.add(state, action, [reward * reward_scale], normalize(next_obs)[None], [float(terminated)],
+                   weight, priority)
+        episode_return, episode_length = episode_return + reward, episode_length + 1
+        obs = next_obs
+        if terminated or truncated:
+            writer.add_scalar("charts/episodic_return", episode_return, step + 1)
+            writer.add_scalar("charts/episodic_length", episode_length, step + 1)
+            obs, _ = env.reset()
+            episode_return, episode_length = 0.0, 0
+
+        idx, batch = buffer.sample(args.batch_size, prioritized=args.priority_sampling)  # Eq. 10: P_i ~ rho_i
+        metrics = agent.update(batch, buffer.weights[idx])  # Eqs. 8, 9: the critic losses weighted by w
+        batch_terms = torch.stack([buffer.weights[idx].mean(), buffer.priorities[idx].mean(),
+                                   (idx >= n_offline).float().mean()])
+        metric_sum += torch.cat([metrics, batch_terms])
+        if (step + 1) % args.log_every == 0 or step + 1 == args.online_steps:
+            log_metrics(writer, "", metric_tags, metric_sum, (step + 1) % args.log_every or args.log_every, step + 1)
+            writer.add_scalar("charts/SPS", int((step + 1) / (time.time() - start)), step + 1)
+            metric_sum.zero_()
+    run_evaluation("", args.online_steps)
+
+    save_checkpoint(os.path.join(run_dir, "final.pt"), "final", ALGORITHM,
+                    {"agent": agent.state_dict(), "optimizer": agent.optimizer.state_dict(),
+                     "bc_policy": bc_policy.state_dict()},
+                    context, args, kq=kq, krho=krho, online_updates=args.online_steps)
+    writer.close()
+    print(f"done: {run_dir}")
+
+
+# =============================================================================================
+# PLUMBING. Nothing below depends on the algorithm: errors, flags, data loading, evaluation,
+# logging, checkpoints, memory settings. Identical text in every script that has it.
+# =============================================================================================
 def fail(message: str):
     """Stop with one clear paragraph (input, cause, fix) and a non-zero exit."""
     raise SystemExit(f"error: {message}")
 
 
+# Every numeric flag of every script, with the values it accepts (NaN and inf are never accepted).
+FLAG_DOMAINS = {
+    **dict.fromkeys(["offline_steps", "bc_steps", "online_steps", "offline_eval_every", "checkpoint_every",
+                     "stop_after", "figure_points", "threads"], ("an integer >= 0", lambda v: v >= 0)),
+    **dict.fromkeys(["eval_every", "eval_episodes", "log_every", "batch_size", "hidden_dim", "cql_n_actions"],
+                    ("an integer >= 1", lambda v: v >= 1)),
+    **dict.fromkeys(["obs_norm_eps", "reward_scale", "bc_lr", "actor_lr", "critic_lr", "value_lr", "kq", "krho",
+                     "cql_temperature", "exp_adv_max"], ("a number > 0", lambda v: v > 0)),
+    **dict.fromkeys(["cql_alpha", "online_cql_alpha", "beta"], ("a number >= 0", lambda v: v >= 0)),
+    "gamma": ("a number in [0, 1)", lambda v: 0 <= v < 1),
+    "tau": ("a number in (0, 1]", lambda v: 0 < v <= 1),
+    "expectile": ("a number in (0, 1)", lambda v: 0 < v < 1),
+    "priority_alpha": ("a finite number", lambda v: True),
+    "target_entropy": ("a finite number", lambda v: True),
+}
+
+
+def check_flags(args):
+    """Refuse a numeric flag outside its domain before anything is loaded or written."""
+    for name, value in vars(args).items():
+        if name not in FLAG_DOMAINS or value is None or isinstance(value, bool):
+            continue
+        domain, accepts = FLAG_DOMAINS[name]
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and accepts(value)):
+            fail(f"--{name.replace('_', '-')} {value} is outside its domain: it must be {domain}. "
+                 f"See `--help` for what it means.")
+
+
 def keep_freed_memory():
     """glibc returns freed blocks above its mmap threshold to the OS, so on a CPU every update
-    page-faults its large activations in anew (10% of a CQL update); keep them in the heap."""
+    page-faults its large activations in anew; keep them in the heap."""
     if sys.platform.startswith("linux"):
         try:
             libc = ctypes.CDLL("libc.so.6")
@@ -122,9 +581,50 @@ def keep_freed_memory():
         libc.mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD
 
 
-# ---------------------------------------------------------------------------------------------
-# Data: D4RL names and Minari ids, episodes to transitions, scores
-# ---------------------------------------------------------------------------------------------
+def seed_and_pick_device(args):
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
+    if args.cuda and device.type == "cpu":
+        print("note: CUDA is not available; running on the CPU.")
+    if device.type == "cpu":
+        keep_freed_memory()  # measured: CQL 9.3 -> 10.3 updates/s, IQL +KEEP_FREED_IQL
+    return device
+
+
+def start_run(args, description: str, ref_scores):
+    """CleanRL's run directory and TensorBoard writer. The directory is created exclusively: two runs
+    started in the same second get two directories (the second name ends in _1, _2, ...)."""
+    run_name = f"{args.env_id.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    base = os.path.join(args.runs_dir, run_name)
+    run_dir, attempt = base, 0
+    os.makedirs(args.runs_dir, exist_ok=True)
+    while True:
+        try:
+            os.mkdir(run_dir)
+            break
+        except FileExistsError:
+            attempt += 1
+            run_dir = f"{base}_{attempt}"
+    writer = SummaryWriter(run_dir)
+    table = "\n".join(f"|{name}|{value}|" for name, value in vars(args).items())
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + table)
+    print(f"run {run_dir}: {description}")
+    if ref_scores is None:
+        print(f"note: {args.env_id} has no reference scores; eval/normalized_score is not logged, only eval/return.")
+    return run_dir, writer
+
+
+def log_metrics(writer, prefix: str, names, metric_sum, count: int, step: int):
+    for name, value in zip(names, (metric_sum / count).tolist()):
+        writer.add_scalar(f"{prefix}{name}", value, step)
+
+
+# --- data: D4RL names and Minari ids, episodes to transitions, scores -------------------------
 D4RL_REF_SCORES = {  # (random, expert) returns from d4rl/infos.py, used by every locomotion version
     "hopper": (-20.272305, 3234.3),
     "halfcheetah": (-280.178953, 12135.0),
@@ -228,22 +728,49 @@ def load_offline_data(env_id: str):
     """Transitions of --env-id, a maker of its environment (`make_env(eval_env=...)`), its reference
     scores (None when unknown) and its action bound."""
     datasets = [load_minari_dataset(dataset_id, env_id) for dataset_id in resolve_dataset_ids(env_id)]
+    first = datasets[0]
     for dataset in datasets:
-        if not isinstance(dataset.observation_space, gym.spaces.Box) or not isinstance(dataset.action_space, gym.spaces.Box):
-            fail(f"--env-id {env_id!r}: BAQ needs flat Box observations and actions; {dataset.spec.dataset_id} has {dataset.observation_space} and {dataset.action_space}.")
-        if dataset.observation_space.shape != datasets[0].observation_space.shape or dataset.action_space.shape != datasets[0].action_space.shape:
-            fail(f"--env-id {env_id!r} combines datasets of different shapes; combine only datasets of one environment.")
+        spaces = (dataset.observation_space, dataset.action_space)
+        if not all(isinstance(space, gym.spaces.Box) for space in spaces):
+            fail(f"--env-id {env_id!r}: BAQ needs flat Box observations and actions; {dataset.spec.dataset_id} has "
+                 f"{dataset.observation_space} and {dataset.action_space}.")
+        if (dataset.observation_space.shape, dataset.action_space.shape) != (first.observation_space.shape,
+                                                                               first.action_space.shape):
+            fail(f"--env-id {env_id!r} combines datasets of different shapes; combine only datasets of one "
+                 f"environment.")
     data = episodes_to_transitions(e for dataset in datasets for e in dataset.iterate_episodes())
-    action_space = datasets[0].action_space
+    action_space = first.action_space
     if not (np.allclose(action_space.low, -action_space.high) and np.allclose(action_space.high, action_space.high[0])):
-        fail(f"--env-id {env_id!r}: BAQ's tanh policies need a symmetric action box [-c, c]; the dataset has {action_space}.")
-    metadata = datasets[0].storage.metadata
-    env_name = datasets[0].spec.env_spec.id.split("-")[0].lower()
+        fail(f"--env-id {env_id!r}: BAQ's tanh policies need a symmetric action box [-c, c]; the dataset has "
+             f"{action_space}.")
+    metadata = first.storage.metadata
+    env_name = first.spec.env_spec.id.split("-")[0].lower()
     if metadata.get("ref_min_score") is not None and metadata.get("ref_max_score") is not None:
         ref_scores = (float(metadata["ref_min_score"]), float(metadata["ref_max_score"]))
     else:
         ref_scores = D4RL_REF_SCORES.get(env_name)
-    return data, datasets[0].recover_environment, ref_scores, float(action_space.high[0])
+    return data, first.recover_environment, ref_scores, float(action_space.high[0])
+
+
+def data_statistics(data: dict, args, offline_checkpoint, bc_checkpoint):
+    """Observation mean and std and the reward scale: the offline checkpoint's when one is given (its
+    networks were trained with them), else the dataset's. A BC checkpoint must agree with them."""
+    if offline_checkpoint:
+        obs_mean, obs_std = offline_checkpoint["obs_mean"].numpy(), offline_checkpoint["obs_std"].numpy()
+        reward_scale = offline_checkpoint["reward_scale"]
+    else:
+        obs_mean = data["observations"].mean(0)
+        obs_std = data["observations"].std(0) + args.obs_norm_eps
+        return_range = np.ptp(data["episode_returns"])
+        reward_scale = float(args.reward_scale or (1000.0 / return_range if return_range > 0 else 1.0))
+    if bc_checkpoint:
+        for name, ours in (("mean", obs_mean), ("std", obs_std)):
+            if not np.allclose(bc_checkpoint[f"obs_{name}"].numpy(), ours, atol=1e-5):
+                fail(f"--bc-checkpoint {args.bc_checkpoint!r} normalizes observations with another {name} than this "
+                     f"run ({'its --offline-checkpoint' if offline_checkpoint else f'--env-id {args.env_id}'}): pi_BC "
+                     f"would see other states. Pass a bc.pt trained on the same dataset with the same "
+                     f"--obs-norm-eps, or drop --bc-checkpoint to train pi_BC here.")
+    return obs_mean, obs_std, reward_scale
 
 
 def normalized_score(episode_return, ref_scores):
@@ -252,235 +779,7 @@ def normalized_score(episode_return, ref_scores):
     return 100.0 * (np.asarray(episode_return) - ref_min) / (ref_max - ref_min)
 
 
-# ---------------------------------------------------------------------------------------------
-# Networks
-# ---------------------------------------------------------------------------------------------
-def mlp(in_dim: int, out_dim: int, hidden_dim: int, n_hidden: int) -> nn.Sequential:
-    layers, dim = [], in_dim
-    for _ in range(n_hidden):
-        layers += [nn.Linear(dim, hidden_dim), nn.ReLU()]
-        dim = hidden_dim
-    return nn.Sequential(*layers, nn.Linear(dim, out_dim))
-
-
-class GaussianPolicy(nn.Module):
-    """Gaussian with a tanh-bounded mean and a state-independent log-std: pi_BC of Eq. 2."""
-
-    def __init__(self, obs_dim: int, act_dim: int, hidden_dim: int, max_action: float):
-        super().__init__()
-        self.net = mlp(obs_dim, act_dim, hidden_dim, n_hidden=2)
-        self.log_std = nn.Parameter(torch.zeros(act_dim))
-        self.max_action = max_action
-
-    def forward(self, obs):
-        return self.max_action * torch.tanh(self.net(obs))
-
-    def log_prob(self, obs, actions):
-        log_std = self.log_std.clamp(-20.0, 2.0)
-        z = (actions - self(obs)) * torch.exp(-log_std)
-        return (-0.5 * z.pow(2) - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
-
-    def sample(self, obs):
-        mean = self(obs)
-        action = mean + torch.randn_like(mean) * self.log_std.clamp(-20.0, 2.0).exp()
-        return action.clamp(-self.max_action, self.max_action)
-
-
-class EnsembleLinear(nn.Module):
-    """`size` independent linear layers evaluated as one batched matrix product."""
-
-    def __init__(self, in_dim: int, out_dim: int, size: int):
-        super().__init__()
-        bound = 1.0 / math.sqrt(in_dim)  # nn.Linear's default initialization, per member
-        self.weight = nn.Parameter(torch.empty(size, in_dim, out_dim).uniform_(-bound, bound))
-        self.bias = nn.Parameter(torch.empty(size, 1, out_dim).uniform_(-bound, bound))
-
-    def forward(self, x):
-        return torch.baddbmm(self.bias, x, self.weight)
-
-
-class TwinQ(nn.Module):
-    """Two Q networks as one ensemble network: Q(s, a) -> [2, batch]."""
-
-    def __init__(self, obs_dim: int, act_dim: int, hidden_dim: int, n_hidden: int = 2):
-        super().__init__()
-        dims = [obs_dim + act_dim] + [hidden_dim] * n_hidden
-        self.hidden = nn.ModuleList(EnsembleLinear(i, o, 2) for i, o in zip(dims[:-1], dims[1:]))
-        self.out = EnsembleLinear(hidden_dim, 1, 2)
-
-    def forward(self, obs, actions):
-        x = torch.cat([obs, actions], -1).expand(2, *obs.shape[:-1], obs.shape[-1] + actions.shape[-1])
-        for layer in self.hidden:
-            x = torch.relu(layer(x))
-        return self.out(x).squeeze(-1)
-
-
-# ---------------------------------------------------------------------------------------------
-# BAQ: behavior divergence, weights (Eq. 6), priorities (Eq. 10), and the replay buffer
-# ---------------------------------------------------------------------------------------------
-@torch.no_grad()
-def bc_divergence(bc_policy, obs, actions, chunk: int = 65536):
-    """mean((pi_BC(s) - a)^2) over action dimensions, per transition."""
-    return torch.cat([(bc_policy(o) - a).pow(2).mean(-1) for o, a in zip(obs.split(chunk), actions.split(chunk))])
-
-
-def behavior_weight(divergence, kq: float):
-    """Eq. 6: w(s,a) = exp(-mean((pi_BC(s) - a)^2) / k_q)."""
-    return torch.exp(-divergence / kq)
-
-
-def behavior_priority(divergence, act_dim: int, krho: float, alpha: float):
-    """Eq. 10: rho = (||pi_BC(s) - a|| / k_rho + 1)^alpha, with ||.||^2 = act_dim * mean(.^2)."""
-    return (torch.sqrt(divergence * act_dim) / krho + 1.0).pow(alpha)
-
-
-class ReplayBuffer:
-    """Offline and online transitions in one preallocated buffer on the device.
-
-    pi_BC is frozen and a stored action never changes, so each transition's weight w (Eq. 6) and
-    priority rho (Eq. 10) are fixed when it enters the buffer. Proportional sampling,
-    P_i = rho_i / sum_j rho_j, is then exact and O(log n) per sample: an append-only float64 prefix
-    sum of rho and a binary search, with no pass over the buffer per update."""
-
-    def __init__(self, capacity: int, obs_dim: int, act_dim: int, device, seed: int):
-        def zeros(*shape, dtype=torch.float32):
-            return torch.zeros(capacity, *shape, dtype=dtype, device=device)
-
-        self.observations, self.next_observations = zeros(obs_dim), zeros(obs_dim)
-        self.actions, self.rewards, self.terminals = zeros(act_dim), zeros(), zeros()
-        self.weights, self.priorities = zeros(), zeros()
-        self.priority_prefix_sum = zeros(dtype=torch.float64)
-        self.capacity, self.size, self.offline_size, self.device = capacity, 0, 0, device
-        self.generator = torch.Generator(device).manual_seed(seed)
-
-    def add(self, obs, actions, rewards, next_obs, terminals, weights, priorities):
-        n, start = len(rewards), self.size
-        if start + n > self.capacity:
-            raise ValueError(f"replay buffer overflow: {start} + {n} > capacity {self.capacity}")
-        end = start + n
-        for column, value in ((self.observations, obs), (self.actions, actions), (self.rewards, rewards),
-                              (self.next_observations, next_obs), (self.terminals, terminals),
-                              (self.weights, weights), (self.priorities, priorities)):
-            column[start:end] = torch.as_tensor(value, dtype=column.dtype, device=self.device)
-        previous = self.priority_prefix_sum[start - 1] if start > 0 else 0.0
-        self.priority_prefix_sum[start:end] = previous + torch.cumsum(self.priorities[start:end].double(), 0)
-        self.size = end
-
-    def set_behavior_terms(self, weights, priorities):
-        """Give the transitions already stored (the offline data) their w and rho, once pi_BC exists."""
-        self.weights[: self.size] = weights
-        self.priorities[: self.size] = priorities
-        self.priority_prefix_sum[: self.size] = torch.cumsum(self.priorities[: self.size].double(), 0)
-        self.offline_size = self.size
-
-    def sample_indices(self, batch_size: int, prioritized: bool, generator=None):
-        generator = generator or self.generator
-        if not prioritized:
-            return torch.randint(0, self.size, (batch_size,), device=self.device, generator=generator)
-        total = self.priority_prefix_sum[self.size - 1]
-        u = torch.rand(batch_size, dtype=torch.float64, device=self.device, generator=generator) * total
-        return torch.searchsorted(self.priority_prefix_sum[: self.size], u, right=True).clamp_(max=self.size - 1)
-
-    def sample(self, batch_size: int, prioritized: bool = False, generator=None):
-        idx = self.sample_indices(batch_size, prioritized, generator)
-        return idx, (self.observations[idx], self.actions[idx], self.rewards[idx], self.next_observations[idx], self.terminals[idx])
-
-    def behavior_statistics(self, idx):
-        """Mean w, mean rho and the share of online transitions of a sampled batch."""
-        return torch.stack([self.weights[idx].mean(), self.priorities[idx].mean(), (idx >= self.offline_size).float().mean()])
-
-
-# ---------------------------------------------------------------------------------------------
-# IQL with the BAQ weights (Eqs. 8, 9)
-# ---------------------------------------------------------------------------------------------
-def expectile_loss(diff, expectile: float):
-    """L2_tau(u) = |tau - 1(u < 0)| u^2 (Eq. 4)."""
-    return torch.abs(expectile - (diff < 0).float()) * diff.pow(2)
-
-
-def iql_value_loss(target_q, v, weights, expectile: float):
-    """Eq. 8: E[w(s,a) L2_tau(Q(s,a) - V(s))]."""
-    return (weights * expectile_loss(target_q - v, expectile)).mean()
-
-
-def iql_q_loss(qs, rewards, terminals, next_v, weights, gamma: float):
-    """Eq. 9: E[w(s,a) (r + gamma V(s') - Q(s,a))^2], averaged over the twin critics."""
-    target = rewards + gamma * (1.0 - terminals) * next_v
-    return (weights * (target - qs).pow(2)).mean()
-
-
-def iql_actor_loss(log_prob, advantage, beta: float, exp_adv_max: float):
-    """IQL's advantage-weighted regression: E[-exp(beta A) log pi(a|s)], exp clipped."""
-    return -(torch.exp(beta * advantage).clamp(max=exp_adv_max) * log_prob).mean()
-
-
-class IQL(nn.Module):
-    """IQL's actor (the same Gaussian policy as pi_BC), twin Q and V, trained by one optimizer."""
-
-    METRICS = ("q_loss", "value_loss", "actor_loss", "q_values")
-
-    def __init__(self, obs_dim, act_dim, max_action, args: Args):
-        super().__init__()
-        self.actor = GaussianPolicy(obs_dim, act_dim, args.hidden_dim, max_action)
-        self.qf = TwinQ(obs_dim, act_dim, args.hidden_dim)
-        self.qf_target = TwinQ(obs_dim, act_dim, args.hidden_dim).requires_grad_(False)
-        self.qf_target.load_state_dict(self.qf.state_dict())
-        self.vf = mlp(obs_dim, 1, args.hidden_dim, n_hidden=2)
-        # The V, Q and actor losses all use parameters from before this update, and their parameter
-        # sets are disjoint: one backward and one Adam step are exactly three separate updates.
-        self.optimizer = torch.optim.Adam([
-            {"params": self.actor.parameters(), "lr": args.actor_lr},
-            {"params": self.qf.parameters(), "lr": args.critic_lr},
-            {"params": self.vf.parameters(), "lr": args.value_lr},
-        ], fused=True)
-        self.compute_losses = torch.compile(self.losses) if args.compile else self.losses
-        self.args = args
-
-    def set_actor_lr(self, lr: float):
-        self.optimizer.param_groups[0]["lr"] = lr
-
-    def start_online(self):
-        """The offline cosine schedule ends with the offline phase: a constant actor lr online."""
-        self.set_actor_lr(self.args.actor_lr)
-
-    def losses(self, obs, actions, rewards, next_obs, terminals, weights):
-        args = self.args
-        with torch.no_grad():
-            target_q = self.qf_target(obs, actions).min(0).values
-            next_v = self.vf(next_obs).squeeze(-1)
-        v = self.vf(obs).squeeze(-1)
-        value_loss = iql_value_loss(target_q, v, weights, args.expectile)  # Eq. 8
-        qs = self.qf(obs, actions)
-        q_loss = iql_q_loss(qs, rewards, terminals, next_v, weights, args.gamma)  # Eq. 9
-        advantage = (target_q - v).detach()
-        actor_loss = iql_actor_loss(self.actor.log_prob(obs, actions), advantage, args.beta, args.exp_adv_max)
-        return value_loss + q_loss + actor_loss, torch.stack([q_loss, value_loss, actor_loss, qs.mean()]).detach()
-
-    def update(self, batch, weights):
-        """One gradient step on a batch (s, a, r, s', terminal) with per-transition weights w."""
-        total_loss, metrics = self.compute_losses(*batch, weights)
-        self.optimizer.zero_grad(set_to_none=True)
-        total_loss.backward()
-        self.optimizer.step()
-        with torch.no_grad():
-            torch._foreach_lerp_(list(self.qf_target.parameters()), list(self.qf.parameters()), self.args.tau)
-        return metrics
-
-    @torch.no_grad()
-    def act(self, obs, deterministic: bool):
-        return self.actor(obs) if deterministic else self.actor.sample(obs)
-
-    @torch.no_grad()
-    def q_value(self, obs, actions):
-        return self.qf(obs, actions).min(0).values
-
-
-Agent = IQL
-
-
-# ---------------------------------------------------------------------------------------------
-# Evaluation
-# ---------------------------------------------------------------------------------------------
+# --- evaluation -------------------------------------------------------------------------------
 def discounted_returns_to_go(rewards, gamma: float):
     returns, running = np.zeros(len(rewards)), 0.0
     for t in range(len(rewards) - 1, -1, -1):
@@ -510,10 +809,19 @@ def evaluate(agent, env, normalize, episodes: int, seed: int, gamma: float, rewa
     return np.asarray(episode_returns), float(np.concatenate(q_errors).mean())
 
 
-# ---------------------------------------------------------------------------------------------
-# Checkpoints
-# ---------------------------------------------------------------------------------------------
-def save_checkpoint(path: str, kind: str, algorithm: str, state_dict: dict, context: dict, args: Args, **extra):
+def log_evaluation(writer, prefix: str, step: int, ref_scores, returns, q_bias: float):
+    writer.add_scalar(f"{prefix}eval/return", returns.mean(), step)
+    writer.add_scalar(f"{prefix}eval/q_bias", q_bias, step)
+    score = ""
+    if ref_scores is not None:
+        writer.add_scalar(f"{prefix}eval/normalized_score", normalized_score(returns.mean(), ref_scores), step)
+        score = f", normalized score {normalized_score(returns.mean(), ref_scores):.1f}"
+    print(f"{prefix or 'online/'}step {step}: return {returns.mean():.1f} +/- {returns.std():.1f}{score}, "
+          f"Q bias {q_bias:.1f}")
+
+
+# --- checkpoints ------------------------------------------------------------------------------
+def save_checkpoint(path: str, kind: str, algorithm: str, state_dict: dict, context: dict, args, **extra):
     """Self-describing checkpoint, written to a temporary file and renamed (never half-written)."""
     payload = {"format": "baq-checkpoint-1", "kind": kind, "algorithm": algorithm, **context,
                "state_dict": state_dict, "args": asdict(args), **extra}
@@ -529,214 +837,26 @@ def load_checkpoint(path: str, flag: str, kind: str, algorithms: tuple, context:
     except FileNotFoundError:
         fail(f"{flag} {path!r}: no such file. Pass the path of a checkpoint written by an earlier run.")
     except Exception as err:
-        fail(f"{flag} {path!r} is not a readable checkpoint ({type(err).__name__}: {err}). Pass a file written by an earlier run.")
+        fail(f"{flag} {path!r} is not a readable checkpoint ({type(err).__name__}: {err}). Pass a file written by an "
+             f"earlier run.")
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != "baq-checkpoint-1":
         fail(f"{flag} {path!r} is not a BAQ checkpoint. Pass an `{kind}.pt` written by an earlier run.")
     if checkpoint["kind"] != kind or checkpoint["algorithm"] not in algorithms:
         needed = " or ".join(a.upper() for a in algorithms)
         fail(
-            f"{flag} {path!r} holds a checkpoint of kind {checkpoint['kind']!r} made by {checkpoint['algorithm'].upper()}, "
-            f"but {flag} needs kind {kind!r} made by {needed}. Pass the `{kind}.pt` written by an earlier {needed} run."
+            f"{flag} {path!r} holds a checkpoint of kind {checkpoint['kind']!r} made by "
+            f"{checkpoint['algorithm'].upper()}, but {flag} needs kind {kind!r} made by {needed}. Pass the "
+            f"`{kind}.pt` written by an earlier {needed} run."
         )
+    same_environment = "pass a checkpoint made on this environment"
+    fixes = {"dataset_id": f"pass a checkpoint made on --env-id {context.get('dataset_id')}",
+             "obs_dim": same_environment, "act_dim": same_environment,
+             "hidden_dim": f"pass --hidden-dim {checkpoint.get('hidden_dim')} to match it"}
     for key in ("dataset_id", "obs_dim", "act_dim", "hidden_dim"):
         if key in context and checkpoint[key] != context[key]:
-            fail(
-                f"{flag} {path!r} was made for {key} {checkpoint[key]!r}, but this run has {context[key]!r}. "
-                f"Pass a checkpoint made on --env-id {context['dataset_id']}, or drop {flag} to train it here."
-            )
+            fail(f"{flag} {path!r} was made for {key} {checkpoint[key]!r}, but this run has {context[key]!r}: "
+                 f"{fixes[key]}, or drop {flag} to train it here.")
     return checkpoint
-
-
-# ---------------------------------------------------------------------------------------------
-# Training
-# ---------------------------------------------------------------------------------------------
-def log_metrics(writer, prefix: str, names, metric_sum, count: int, step: int):
-    for name, value in zip(names, (metric_sum / count).tolist()):
-        writer.add_scalar(f"{prefix}{name}", value, step)
-
-
-def train_bc(buffer, obs_dim: int, act_dim: int, max_action: float, args: Args, writer):
-    """Eq. 2: pi_BC = argmin E_(s,a)~D[-log pi(a|s)] on the offline dataset. Its own seed stream makes
-    pi_BC the same whether or not an offline phase ran before it (and the same in every script)."""
-    torch.manual_seed(args.seed)
-    generator = torch.Generator(buffer.device).manual_seed(args.seed + 1)
-    bc_policy = GaussianPolicy(obs_dim, act_dim, args.hidden_dim, max_action).to(buffer.device)
-    optimizer = torch.optim.Adam(bc_policy.parameters(), lr=args.bc_lr)
-    loss_sum, start = torch.zeros((), device=buffer.device), time.time()
-    for step in range(1, args.bc_steps + 1):
-        obs, actions, *_ = buffer.sample(args.batch_size, generator=generator)[1]
-        loss = -bc_policy.log_prob(obs, actions).mean()  # Eq. 2
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        loss_sum += loss.detach()
-        if step % args.log_every == 0 or step == args.bc_steps:
-            count = step % args.log_every or args.log_every
-            writer.add_scalar("bc/loss", (loss_sum / count).item(), step)
-            writer.add_scalar("bc/mse", bc_divergence(bc_policy, obs, actions).mean().item(), step)
-            writer.add_scalar("bc/SPS", int(step / (time.time() - start)), step)
-            loss_sum.zero_()
-    return bc_policy
-
-
-def main(args: Args):
-    for name in ("offline_steps", "bc_steps", "online_steps", "offline_eval_every"):
-        if getattr(args, name) < 0:
-            fail(f"--{name.replace('_', '-')} {getattr(args, name)} is negative; give 0 or more.")
-    for name in ("eval_every", "eval_episodes", "log_every", "batch_size"):
-        if getattr(args, name) <= 0:
-            fail(f"--{name.replace('_', '-')} {getattr(args, name)} must be positive.")
-    for name in ("kq", "krho", "reward_scale"):
-        if getattr(args, name) is not None and getattr(args, name) <= 0:
-            fail(f"--{name.replace('_', '-')} {getattr(args, name)} must be positive (or omitted for the default).")
-
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    torch.backends.cudnn.deterministic = args.torch_deterministic
-    device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
-    if args.cuda and device.type == "cpu":
-        print("note: CUDA is not available; running on the CPU.")
-    if device.type == "cpu":
-        keep_freed_memory()
-
-    # --- data ---------------------------------------------------------------------------------
-    data, make_env, ref_scores, max_action = load_offline_data(args.env_id)
-    obs_dim, act_dim = data["observations"].shape[1], data["actions"].shape[1]
-    context = {"dataset_id": args.env_id, "obs_dim": obs_dim, "act_dim": act_dim, "hidden_dim": args.hidden_dim}
-    offline_checkpoint = bc_checkpoint = None
-    if args.offline_checkpoint:
-        offline_checkpoint = load_checkpoint(args.offline_checkpoint, "--offline-checkpoint", "offline", (ALGORITHM,), context)
-    if args.bc_checkpoint:
-        bc_checkpoint = load_checkpoint(args.bc_checkpoint, "--bc-checkpoint", "bc", ("bc",), context)
-    if offline_checkpoint:  # the networks were trained with these statistics
-        obs_mean, obs_std = offline_checkpoint["obs_mean"].numpy(), offline_checkpoint["obs_std"].numpy()
-        reward_scale = offline_checkpoint["reward_scale"]
-    else:
-        obs_mean = data["observations"].mean(0)
-        obs_std = data["observations"].std(0) + args.obs_norm_eps
-        return_range = np.ptp(data["episode_returns"])
-        reward_scale = float(args.reward_scale or (1000.0 / return_range if return_range > 0 else 1.0))
-    if bc_checkpoint and not np.allclose(bc_checkpoint["obs_mean"].numpy(), obs_mean, atol=1e-5):
-        fail(f"--bc-checkpoint {args.bc_checkpoint!r} normalizes observations differently from this run's offline agent; train both on the same dataset.")
-    context.update(obs_mean=torch.as_tensor(obs_mean), obs_std=torch.as_tensor(obs_std), reward_scale=reward_scale)
-
-    def normalize(obs):
-        return (obs - obs_mean) / obs_std
-
-    n_offline = len(data["rewards"])
-    buffer = ReplayBuffer(n_offline + args.online_steps, obs_dim, act_dim, device, args.seed)
-    ones = np.ones(n_offline, dtype=np.float32)
-    buffer.add(normalize(data["observations"]), data["actions"], data["rewards"] * reward_scale,
-               normalize(data["next_observations"]), data["terminals"], ones, ones)
-    del data
-
-    run_name = f"{args.env_id.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_dir = os.path.join(args.runs_dir, run_name)
-    writer = SummaryWriter(run_dir)
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
-    print(f"run {run_dir}: {n_offline} offline transitions, obs {obs_dim}, actions {act_dim}, reward scale {reward_scale:.4g}, device {device}")
-    if ref_scores is None:
-        print(f"note: {args.env_id} has no reference scores; eval/normalized_score is not logged, only eval/return.")
-    eval_env = make_env(eval_env=True)
-    eval_env.action_space.seed(args.seed)
-
-    def run_evaluation(prefix: str, step: int):
-        returns, q_bias = evaluate(agent, eval_env, normalize, args.eval_episodes, args.seed + 10_000, args.gamma, reward_scale, device)
-        writer.add_scalar(f"{prefix}eval/return", returns.mean(), step)
-        writer.add_scalar(f"{prefix}eval/q_bias", q_bias, step)
-        score = ""
-        if ref_scores is not None:
-            writer.add_scalar(f"{prefix}eval/normalized_score", normalized_score(returns.mean(), ref_scores), step)
-            score = f", normalized score {normalized_score(returns.mean(), ref_scores):.1f}"
-        print(f"{prefix or 'online/'}step {step}: return {returns.mean():.1f} +/- {returns.std():.1f}{score}, Q bias {q_bias:.1f}")
-
-    # --- offline pretraining ------------------------------------------------------------------
-    agent = Agent(obs_dim, act_dim, max_action, args).to(device)
-    if offline_checkpoint:
-        agent.load_state_dict(offline_checkpoint["state_dict"]["agent"])
-        agent.optimizer.load_state_dict(offline_checkpoint["state_dict"]["optimizer"])
-        print(f"offline phase skipped: loaded {args.offline_checkpoint}")
-    else:
-        metric_sum, start = torch.zeros(len(Agent.METRICS), device=device), time.time()
-        unit_weights = torch.ones(args.batch_size, device=device)
-        for step in range(1, args.offline_steps + 1):
-            # cosine decay of the actor lr, ending with the offline phase
-            agent.set_actor_lr(args.actor_lr * 0.5 * (1.0 + math.cos(math.pi * (step - 1) / args.offline_steps)))
-            metric_sum += agent.update(buffer.sample(args.batch_size)[1], unit_weights)
-            if step % args.log_every == 0 or step == args.offline_steps:
-                log_metrics(writer, "offline/losses/", Agent.METRICS, metric_sum, step % args.log_every or args.log_every, step)
-                writer.add_scalar("offline/charts/SPS", int(step / (time.time() - start)), step)
-                metric_sum.zero_()
-            if (args.offline_eval_every and step % args.offline_eval_every == 0) or step == args.offline_steps:
-                run_evaluation("offline/", step)
-        save_checkpoint(os.path.join(run_dir, "offline.pt"), "offline", ALGORITHM,
-                        {"agent": agent.state_dict(), "optimizer": agent.optimizer.state_dict()}, context, args)
-    agent.start_online()
-
-    # --- behavior-cloning reference pi_BC (Eq. 2) ---------------------------------------------
-    if bc_checkpoint:
-        bc_policy = GaussianPolicy(obs_dim, act_dim, args.hidden_dim, max_action).to(device)
-        bc_policy.load_state_dict(bc_checkpoint["state_dict"])
-        print(f"BC phase skipped: loaded {args.bc_checkpoint}")
-    else:
-        bc_policy = train_bc(buffer, obs_dim, act_dim, max_action, args, writer)
-        save_checkpoint(os.path.join(run_dir, "bc.pt"), "bc", "bc", bc_policy.state_dict(), context, args)
-    bc_policy.requires_grad_(False).eval()
-
-    # --- BAQ terms of the offline data: computed once, kept in the buffer ---------------------
-    offline_divergence = bc_divergence(bc_policy, buffer.observations[:n_offline], buffer.actions[:n_offline])
-    kq = args.kq or offline_divergence.mean().item()
-    krho = args.krho or torch.sqrt(offline_divergence * act_dim).mean().item()
-
-    def behavior_terms(divergence):
-        weights = behavior_weight(divergence, kq) if args.weighted_loss else torch.ones_like(divergence)
-        return weights, behavior_priority(divergence, act_dim, krho, args.priority_alpha)
-
-    buffer.set_behavior_terms(*behavior_terms(offline_divergence))
-    offline_w, offline_rho = buffer.weights[:n_offline], buffer.priorities[:n_offline]
-    print(f"BAQ: k_q {kq:.4g}, k_rho {krho:.4g}, alpha {args.priority_alpha}; offline data: w mean {offline_w.mean():.3f} "
-          f"(min {offline_w.min():.3f}), rho mean {offline_rho.mean():.3f} (max {offline_rho.max():.3f})")
-    writer.add_text("baq", f"k_q {kq:.6g}, k_rho {krho:.6g}, alpha {args.priority_alpha}, offline w mean {offline_w.mean():.4f}, offline rho mean {offline_rho.mean():.4f}")
-
-    # --- online fine-tuning -------------------------------------------------------------------
-    torch.manual_seed(args.seed + 2)  # the same online phase whether the earlier phases ran or were loaded
-    buffer.generator.manual_seed(args.seed + 2)
-    env = make_env()
-    env.action_space.seed(args.seed)
-    obs, _ = env.reset(seed=args.seed)
-    episode_return, episode_length = 0.0, 0
-    metric_tags = [f"losses/{name}" for name in Agent.METRICS] + ["baq/w_mean", "baq/rho_mean", "baq/online_fraction"]
-    metric_sum, start = torch.zeros(len(metric_tags), device=device), time.time()
-    for step in range(args.online_steps):
-        if step % args.eval_every == 0:
-            run_evaluation("", step)
-        state = torch.as_tensor(normalize(obs), dtype=torch.float32, device=device)[None]
-        action = agent.act(state, deterministic=False)
-        next_obs, reward, terminated, truncated, _ = env.step(action[0].cpu().numpy())
-        weight, priority = behavior_terms(bc_divergence(bc_policy, state, action))
-        buffer.add(state, action, [reward * reward_scale], normalize(next_obs)[None], [float(terminated)], weight, priority)
-        episode_return, episode_length = episode_return + reward, episode_length + 1
-        obs = next_obs
-        if terminated or truncated:
-            writer.add_scalar("charts/episodic_return", episode_return, step + 1)
-            writer.add_scalar("charts/episodic_length", episode_length, step + 1)
-            obs, _ = env.reset()
-            episode_return, episode_length = 0.0, 0
-
-        idx, batch = buffer.sample(args.batch_size, prioritized=args.priority_sampling)
-        metric_sum += torch.cat([agent.update(batch, buffer.weights[idx]), buffer.behavior_statistics(idx)])
-        if (step + 1) % args.log_every == 0 or step + 1 == args.online_steps:
-            log_metrics(writer, "", metric_tags, metric_sum, (step + 1) % args.log_every or args.log_every, step + 1)
-            writer.add_scalar("charts/SPS", int((step + 1) / (time.time() - start)), step + 1)
-            metric_sum.zero_()
-    run_evaluation("", args.online_steps)
-
-    save_checkpoint(os.path.join(run_dir, "final.pt"), "final", ALGORITHM,
-                    {"agent": agent.state_dict(), "optimizer": agent.optimizer.state_dict(), "bc_policy": bc_policy.state_dict()},
-                    context, args, kq=kq, krho=krho, online_updates=args.online_steps)
-    writer.close()
-    print(f"done: {run_dir}")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,10 @@
-# Offline pretraining alone, one file: exactly the offline phase of baq_iql.py (--algo iql) or
-# baq_cql.py (--algo cql), same defaults, same networks, same code, writing an `offline.pt` that
-# they accept with --offline-checkpoint. 1M updates take hours on a CPU: a resumable checkpoint is
-# written periodically, and --resume continues a run exactly where it stopped.
+# Offline pretraining alone, in one file: exactly the offline phase of baq_iql.py (--algo iql) or
+# baq_cql.py (--algo cql), with the same defaults, networks and code, writing an `offline.pt` that they
+# accept with --offline-checkpoint. 1M updates take hours on a CPU: a resumable checkpoint is written
+# periodically, and --resume continues a run exactly where it stopped.
+#
+# Definitions that the other top-level scripts also have are identical text in all of them
+# (tests/test_copies.py checks it): change them everywhere at once.
 import ctypes
 import math
 import os
@@ -20,15 +23,15 @@ import torch.nn as nn
 import tyro
 from torch.utils.tensorboard import SummaryWriter
 
-
 @dataclass
 class Args:
     algo: Literal["iql", "cql"] = "iql"
     """the offline algorithm: the offline phase of baq_iql.py or of baq_cql.py"""
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
-    """the name of this experiment; runs are written to {runs_dir}/{env_id}__{exp_name}__{seed}__{time}"""
+    """name of the experiment, in the run directory {runs_dir}/{env_id}__{exp_name}__{seed}__{time}"""
     env_id: str = "hopper-medium-v2"
-    """the offline dataset: a D4RL name ({hopper,halfcheetah,walker2d}-{medium,medium-replay,medium-expert,expert,random}-v2) or any Minari dataset id (e.g. baq/hopper/medium-v0)"""
+    """the offline dataset: a D4RL name ({hopper,halfcheetah,walker2d}-{medium,medium-replay,medium-expert,
+    expert,random}-v2) or any Minari dataset id (e.g. baq/hopper/medium-v0)"""
     seed: int = 1
     """seed of the experiment (python, numpy, torch, environments, replay sampling)"""
     torch_deterministic: bool = True
@@ -36,7 +39,11 @@ class Args:
     cuda: bool = True
     """use CUDA when it is available (otherwise the CPU, with a one-line note)"""
     compile: bool = True
-    """torch.compile the losses (forward and backward; 20-60 s once, then 0-20% faster on a CPU in our runs)"""
+    """torch.compile the losses. On our 2-core CPU compiled IQL ran 192 against 162 updates/s eager, compiled
+    CQL 7.6 against 8.3: with --algo cql on a CPU pass --no-compile (baq_cql.py's default). Not measured on a GPU."""
+    threads: int = 0
+    """torch threads (0: torch's default, one per core); give 1 when other jobs share the cores: on 2 cores,
+    BC ran 83 updates/s with 2 threads beside other work and 300 with 1"""
     runs_dir: str = "runs"
     """directory under which the run directory (TensorBoard events and checkpoints) is created"""
     offline_steps: int = 1_000_000
@@ -48,19 +55,21 @@ class Args:
     log_every: int = 1_000
     """write losses every this many updates (averaged over them)"""
     checkpoint_every: int = 50_000
-    """write the resumable checkpoint `resume.pt` every this many updates"""
+    """write the resumable checkpoint `resume.pt` every this many updates (0: never)"""
     resume: Optional[str] = None
-    """a `resume.pt`: continue that run where it stopped, with its own arguments (only --stop-after and --cuda are taken from this command)"""
+    """a `resume.pt`: continue that run where it stopped, with its own arguments (only --stop-after and
+    --cuda are taken from this command)"""
     stop_after: int = 0
-    """write `resume.pt` and stop after this many updates of this command (0: run to --offline-steps); for machines with time limits"""
+    """write `resume.pt` and stop after this many updates of this command (0: run to --offline-steps); for
+    machines with time limits"""
 
     # shared hyperparameters (as in baq_iql.py and baq_cql.py)
     batch_size: int = 256
     """batch size of every gradient update"""
     gamma: float = 0.99
-    """discount factor"""
+    """discount factor, in [0, 1)"""
     tau: float = 0.005
-    """target network soft-update rate"""
+    """target network soft-update rate, in (0, 1]"""
     hidden_dim: int = 256
     """width of every hidden layer"""
     obs_norm_eps: float = 1e-3
@@ -74,7 +83,7 @@ class Args:
 
     # IQL
     expectile: float = 0.7
-    """expectile tau of the value loss (Eq. 4)"""
+    """expectile tau of the value loss (Eq. 4), in (0, 1)"""
     beta: float = 3.0
     """inverse temperature of IQL's advantage-weighted regression"""
     exp_adv_max: float = 100.0
@@ -84,9 +93,8 @@ class Args:
 
     # CQL
     cql_alpha: float = 10.0
-    """weight of the conservative penalty (Eq. 3's alpha, with the TD term as a plain mean squared error like CORL's: under Adam this equals Eq. 3 with alpha/2)"""
-    online_cql_alpha: Optional[float] = None
-    """unused offline; kept so that the CQL agent is the fine-tuning script's"""
+    """weight of the conservative penalty (Eq. 3's alpha, with the TD term as a plain mean squared error like
+    CORL's: under Adam this equals Eq. 3 with alpha/2)"""
     cql_n_actions: int = 10
     """sampled actions per state in each of the penalty's three action sets (uniform, pi(.|s), pi(.|s'))"""
     cql_temperature: float = 1.0
@@ -94,18 +102,526 @@ class Args:
     target_entropy: Optional[float] = None
     """entropy target of the automatic temperature tuning (default: -|A|)"""
 
+    def __post_init__(self):
+        check_flags(self)
 
+
+# The fine-tuning scripts' defaults where IQL and CQL differ
 ALGORITHM_DEFAULTS = {"iql": {"actor_lr": 3e-4, "reward_scale": None}, "cql": {"actor_lr": 3e-5, "reward_scale": 1.0}}
 
 
+# =============================================================================================
+# IQL's losses (Eqs. 4, 8, 9; offline, every w is 1)
+# =============================================================================================
+def expectile_loss(diff, expectile: float):
+    """L2_tau(u) = |tau - 1(u < 0)| u^2 (Eq. 4)."""
+    return torch.abs(expectile - (diff < 0).float()) * diff.pow(2)
+
+
+
+def iql_value_loss(target_q, v, weights, expectile: float):
+    """Eq. 8: E[w(s,a) L2_tau(Q(s,a) - V(s))]."""
+    return (weights * expectile_loss(target_q - v, expectile)).mean()
+
+
+
+def iql_q_loss(qs, rewards, terminals, next_v, weights, gamma: float):
+    """Eq. 9: E[w(s,a) (r + gamma V(s') - Q(s,a))^2], averaged over the twin critics."""
+    target = rewards + gamma * (1.0 - terminals) * next_v
+    return (weights * (target - qs).pow(2)).mean()
+
+
+
+def iql_actor_loss(log_prob, advantage, beta: float, exp_adv_max: float):
+    """IQL's advantage-weighted regression: E[-exp(beta A) log pi(a|s)], exp clipped."""
+    return -(torch.exp(beta * advantage).clamp(max=exp_adv_max) * log_prob).mean()
+
+
+
+# =============================================================================================
+# CQL's losses (Eqs. 3, 7; offline, every w is 1)
+# =============================================================================================
+def cql_bellman_loss(q_data, td_target, weights):
+    """Eq. 7: E[w(s,a) (Q(s,a) - B^pi Q_target(s,a))^2] for each critic, summed over the twin critics.
+    The paper's text says the weight goes on the "conservative penalty term", but Eq. 7 weights the
+    Bellman term; we implement the equation. (TD term as CORL's MSE; see Args.cql_alpha.)"""
+    return (weights * (q_data - td_target).pow(2)).mean(-1).sum()
+
+
+
+def cql_penalty(q_sampled, log_density, q_data, temperature: float):
+    """Eq. 3's conservative term, unweighted: E_s[T logsumexp_a'(Q(s,a') / T) - Q(s,a)] for each
+    critic, summed; a' are sampled and importance-weighted by their log-density:
+    q_sampled [critics, batch, samples], log_density [batch, samples], q_data [critics, batch]."""
+    out_of_distribution = temperature * torch.logsumexp((q_sampled - log_density) / temperature, dim=-1)
+    return (out_of_distribution - q_data).mean(-1).sum()
+
+
+
+def entropy_temperature_loss(log_alpha, log_prob, target_entropy: float):
+    """SAC's automatic entropy tuning: alpha grows while the policy's entropy is below the target."""
+    return -(log_alpha * (log_prob.detach() + target_entropy)).mean()
+
+
+
+# =============================================================================================
+# Networks and the two agents, as in the fine-tuning scripts
+# =============================================================================================
+def mlp(in_dim: int, out_dim: int, hidden_dim: int, n_hidden: int) -> nn.Sequential:
+    layers, dim = [], in_dim
+    for _ in range(n_hidden):
+        layers += [nn.Linear(dim, hidden_dim), nn.ReLU()]
+        dim = hidden_dim
+    return nn.Sequential(*layers, nn.Linear(dim, out_dim))
+
+
+
+class GaussianPolicy(nn.Module):
+    """Gaussian with a tanh-bounded mean and a state-independent log-std: pi_BC of Eq. 2, IQL's actor."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden_dim: int, max_action: float):
+        super().__init__()
+        self.net = mlp(obs_dim, act_dim, hidden_dim, n_hidden=2)
+        self.log_std = nn.Parameter(torch.zeros(act_dim))
+        self.max_action = max_action
+
+    def forward(self, obs):
+        return self.max_action * torch.tanh(self.net(obs))
+
+    def log_prob(self, obs, actions):
+        log_std = self.log_std.clamp(-20.0, 2.0)
+        z = (actions - self(obs)) * torch.exp(-log_std)
+        return (-0.5 * z.pow(2) - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
+
+    def sample(self, obs):
+        mean = self(obs)
+        action = mean + torch.randn_like(mean) * self.log_std.clamp(-20.0, 2.0).exp()
+        return action.clamp(-self.max_action, self.max_action)
+
+
+
+class EnsembleLinear(nn.Module):
+    """`size` independent linear layers evaluated as one batched matrix product."""
+
+    def __init__(self, in_dim: int, out_dim: int, size: int):
+        super().__init__()
+        bound = 1.0 / math.sqrt(in_dim)  # nn.Linear's default initialization, per member
+        self.weight = nn.Parameter(torch.empty(size, in_dim, out_dim).uniform_(-bound, bound))
+        self.bias = nn.Parameter(torch.empty(size, 1, out_dim).uniform_(-bound, bound))
+
+    def forward(self, x):
+        return torch.baddbmm(self.bias, x, self.weight)
+
+
+
+class TwinQ(nn.Module):
+    """Two Q networks as one ensemble network: Q(s, a) -> [2, batch]."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden_dim: int, n_hidden: int = 2):
+        super().__init__()
+        dims = [obs_dim + act_dim] + [hidden_dim] * n_hidden
+        self.hidden = nn.ModuleList(EnsembleLinear(i, o, 2) for i, o in zip(dims[:-1], dims[1:]))
+        self.out = EnsembleLinear(hidden_dim, 1, 2)
+
+    def forward(self, obs, actions):
+        x = torch.cat([obs, actions], -1).expand(2, *obs.shape[:-1], obs.shape[-1] + actions.shape[-1])
+        for layer in self.hidden:
+            x = torch.relu(layer(x))
+        return self.out(x).squeeze(-1)
+
+
+
+class TanhGaussianActor(nn.Module):
+    """CQL's actor, as CORL builds it: a = max_action * tanh(u), u ~ N(mean(s), std(s)), 3 hidden layers
+    with PyTorch's default initialization and a near-zero output layer; log std = m * (net's output) + c
+    with trainable scalars m and c (1 and -1 at the start)."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden_dim: int, max_action: float):
+        super().__init__()
+        self.net = mlp(obs_dim, 2 * act_dim, hidden_dim, n_hidden=3)
+        with torch.no_grad():
+            nn.init.xavier_uniform_(self.net[-1].weight, gain=1e-2)
+            self.net[-1].bias.zero_()
+        self.log_std_multiplier = nn.Parameter(torch.tensor(1.0))
+        self.log_std_offset = nn.Parameter(torch.tensor(-1.0))
+        self.max_action = max_action
+
+    def forward(self, obs, deterministic: bool = False):
+        """An action and its log-probability (None when deterministic: max_action * tanh(mean))."""
+        mean, log_std = self.net(obs).chunk(2, -1)
+        if deterministic:
+            return self.max_action * torch.tanh(mean), None
+        log_std = (self.log_std_multiplier * log_std + self.log_std_offset).clamp(-20.0, 2.0)
+        noise = torch.randn_like(mean)
+        u = mean + noise * log_std.exp()
+        # log N(u) - log(1 - tanh(u)^2), the latter in its stable form 2 (log 2 - u - softplus(-2u))
+        log_prob = (-0.5 * noise.pow(2) - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
+        log_prob = log_prob - (2.0 * (math.log(2.0) - u - nn.functional.softplus(-2.0 * u))).sum(-1)
+        return self.max_action * torch.tanh(u), log_prob
+
+
+
+def orthogonal_critic_init_(critic):
+    """CORL's CQL critics: orthogonal weights (gain sqrt 2, the output layer's 1e-2), zero biases."""
+    with torch.no_grad():
+        for member in range(critic.out.weight.shape[0]):
+            for layer in [*critic.hidden, critic.out]:
+                nn.init.orthogonal_(layer.weight[member], gain=1e-2 if layer is critic.out else math.sqrt(2.0))
+                layer.bias[member].zero_()
+
+
+
+class ActorCritic(nn.Module):
+    """What IQL and CQL share: one gradient step on the summed losses (see their `losses`), the soft
+    update of the target critics, pretrained weights loaded under this run's learning rates, and the
+    Q-value used by evaluation. Subclasses set actor, qf, qf_target, optimizer, compute_losses, args."""
+
+    def update(self, batch, weights):
+        """One gradient step on a batch (s, a, r, s', terminal) with per-transition weights w."""
+        total_loss, metrics = self.compute_losses(*batch, weights)
+        self.optimizer.zero_grad(set_to_none=True)
+        total_loss.backward()
+        self.optimizer.step()
+        with torch.no_grad():
+            for target, online in zip(self.qf_target.parameters(), self.qf.parameters()):
+                target.lerp_(online, self.args.tau)
+        return metrics
+
+    def load_pretrained(self, state_dict: dict):
+        """Weights and Adam moments of a checkpoint; the learning rates stay this run's flags."""
+        self.load_state_dict(state_dict["agent"])
+        learning_rates = [group["lr"] for group in self.optimizer.param_groups]
+        self.optimizer.load_state_dict(state_dict["optimizer"])
+        for group, lr in zip(self.optimizer.param_groups, learning_rates):
+            group["lr"] = lr
+
+    @torch.no_grad()
+    def q_value(self, obs, actions):
+        return self.qf(obs, actions).min(0).values
+
+
+
+class IQL(ActorCritic):
+    """IQL's actor (the same Gaussian policy as pi_BC), twin Q and V, trained by one optimizer."""
+
+    METRICS = ("q_loss", "value_loss", "actor_loss", "q_values")
+
+    def __init__(self, obs_dim, act_dim, max_action, args: Args):
+        super().__init__()
+        self.actor = GaussianPolicy(obs_dim, act_dim, args.hidden_dim, max_action)
+        self.qf = TwinQ(obs_dim, act_dim, args.hidden_dim)
+        self.qf_target = TwinQ(obs_dim, act_dim, args.hidden_dim).requires_grad_(False)
+        self.qf_target.load_state_dict(self.qf.state_dict())
+        self.vf = mlp(obs_dim, 1, args.hidden_dim, n_hidden=2)
+        self.optimizer = torch.optim.Adam([
+            {"params": self.actor.parameters(), "lr": args.actor_lr},
+            {"params": self.qf.parameters(), "lr": args.critic_lr},
+            {"params": self.vf.parameters(), "lr": args.value_lr},
+        ], fused=True)
+        self.compute_losses = torch.compile(self.losses) if args.compile else self.losses
+        self.args = args
+
+    def set_actor_lr(self, lr: float):
+        self.optimizer.param_groups[0]["lr"] = lr
+
+    def start_online(self):
+        """The offline cosine schedule ends with the offline phase: a constant actor lr online."""
+        self.set_actor_lr(self.args.actor_lr)
+
+    def losses(self, obs, actions, rewards, next_obs, terminals, weights):
+        """IQL's V, Q and actor losses, summed. One backward pass and one Adam step on the sum equal the
+        peer's (CORL's) three separate updates, because every loss is built from the parameters as they
+        were before this step (the actor's advantage is detached, the Q target comes from the target
+        network and V(s') is computed without gradient) and each reaches only its own parameter group.
+        An edit that lets a loss reach another network's parameters (e.g. an actor loss through Q(s, pi(s))
+        without detaching the critic) silently changes the algorithm: detach, or step it separately."""
+        args = self.args
+        with torch.no_grad():
+            target_q = self.qf_target(obs, actions).min(0).values
+            next_v = self.vf(next_obs).squeeze(-1)
+        v = self.vf(obs).squeeze(-1)
+        value_loss = iql_value_loss(target_q, v, weights, args.expectile)  # Eq. 8
+        qs = self.qf(obs, actions)
+        q_loss = iql_q_loss(qs, rewards, terminals, next_v, weights, args.gamma)  # Eq. 9
+        advantage = (target_q - v).detach()
+        actor_loss = iql_actor_loss(self.actor.log_prob(obs, actions), advantage, args.beta, args.exp_adv_max)
+        return value_loss + q_loss + actor_loss, torch.stack([q_loss, value_loss, actor_loss, qs.mean()]).detach()
+
+    @torch.no_grad()
+    def act(self, obs, deterministic: bool):
+        return self.actor(obs) if deterministic else self.actor.sample(obs)
+
+
+
+class CQL(ActorCritic):
+    """SAC-style CQL: tanh-Gaussian actor, twin Q (3x256), automatic entropy tuning, one optimizer."""
+
+    METRICS = ("q_loss", "cql_penalty", "actor_loss", "q_values", "alpha")
+
+    def __init__(self, obs_dim, act_dim, max_action, args: Args):
+        super().__init__()
+        self.actor = TanhGaussianActor(obs_dim, act_dim, args.hidden_dim, max_action)
+        self.qf = TwinQ(obs_dim, act_dim, args.hidden_dim, n_hidden=3)
+        orthogonal_critic_init_(self.qf)
+        self.qf_target = TwinQ(obs_dim, act_dim, args.hidden_dim, n_hidden=3).requires_grad_(False)
+        self.qf_target.load_state_dict(self.qf.state_dict())
+        self.log_alpha = nn.Parameter(torch.zeros(()))
+        self.register_buffer("cql_alpha", torch.tensor(args.cql_alpha))  # a tensor: changing it needs no recompile
+        self.target_entropy = -float(act_dim) if args.target_entropy is None else args.target_entropy
+        self.log_uniform_density = -act_dim * math.log(2.0 * max_action)
+        self.max_action = max_action
+        self.optimizer = torch.optim.Adam([
+            {"params": self.actor.parameters(), "lr": args.actor_lr},
+            {"params": self.qf.parameters(), "lr": args.critic_lr},
+            {"params": [self.log_alpha], "lr": args.actor_lr},
+        ], fused=True)
+        self.compute_losses = torch.compile(self.losses) if args.compile else self.losses
+        self.args = args
+
+    def start_online(self):
+        """The conservative penalty stays during fine-tuning, with its online weight."""
+        self.cql_alpha.fill_(self.args.cql_alpha if self.args.online_cql_alpha is None else self.args.online_cql_alpha)
+
+    def losses(self, obs, actions, rewards, next_obs, terminals, weights):
+        """CQL's temperature, actor and critic losses, summed. One backward pass and one Adam step on the
+        sum equal the peer's (CORL's) three sequential updates, because every loss is built from the
+        parameters as they were before this step and reaches only its own parameter group: the actor
+        sees the critics through detached weights, the TD target and the penalty's sampled actions are
+        computed without gradient, and alpha enters the actor loss detached. An edit that lets a loss
+        reach another network's parameters (e.g. Q(s, pi(s)) through the live critics) silently changes
+        the algorithm: detach it, or step it separately.
+
+        Layout, batch B and n = --cql-n-actions (every sampled action in one actor pass, every Q in one
+        critic pass, all at s as in CORL):
+            sampled = [pi(s') | pi(s) x n | pi(s') x n]      rows B + 2Bn, no gradient
+            q_all   = [data | uniform | pi(s) | pi(s')]      columns B + 3Bn, per critic
+        """
+        args, batch_size, n = self.args, obs.shape[0], self.args.cql_n_actions
+        new_actions, log_prob = self.actor(obs)
+        alpha_loss = entropy_temperature_loss(self.log_alpha, log_prob, self.target_entropy)
+        alpha = self.log_alpha.exp().detach()
+        frozen_critics = {name: p.detach() for name, p in self.qf.named_parameters()}
+        q_new = torch.func.functional_call(self.qf, frozen_critics, (obs, new_actions)).min(0).values
+        actor_loss = (alpha * log_prob - q_new).mean()
+
+        with torch.no_grad():
+            obs_n, next_obs_n = obs.repeat_interleave(n, 0), next_obs.repeat_interleave(n, 0)
+            sampled, sampled_log_prob = self.actor(torch.cat([next_obs, obs_n, next_obs_n]))
+            target_q = self.qf_target(next_obs, sampled[:batch_size]).min(0).values
+            td_target = rewards + args.gamma * (1.0 - terminals) * target_q
+            uniform = (torch.rand_like(sampled[batch_size:batch_size + batch_size * n]) * 2.0 - 1.0) * self.max_action
+            log_density = torch.cat([torch.full_like(sampled_log_prob[:batch_size * n], self.log_uniform_density),
+                                     sampled_log_prob[batch_size:]]).view(3, batch_size, n)
+        q_all = self.qf(torch.cat([obs, obs_n, obs_n, obs_n]), torch.cat([actions, uniform, sampled[batch_size:]]))
+        q_data = q_all[:, :batch_size]
+        # [critic, set, state, sample] -> [critic, state, set x sample], as log_density
+        q_sampled = q_all[:, batch_size:].view(2, 3, batch_size, n).permute(0, 2, 1, 3).reshape(2, batch_size, 3 * n)
+        log_density = log_density.permute(1, 0, 2).reshape(batch_size, 3 * n)
+        q_loss = cql_bellman_loss(q_data, td_target, weights)  # Eq. 7
+        penalty = cql_penalty(q_sampled, log_density, q_data, args.cql_temperature)
+        total_loss = q_loss + self.cql_alpha * penalty + actor_loss + alpha_loss
+        return total_loss, torch.stack([q_loss, penalty, actor_loss, q_data.mean(), alpha]).detach()
+
+    @torch.no_grad()
+    def act(self, obs, deterministic: bool):
+        return self.actor(obs, deterministic)[0]
+
+
+
+AGENTS = {"iql": IQL, "cql": CQL}
+
+
+# =============================================================================================
+# The replay buffer (the fine-tuning scripts' own; offline, every w and rho is 1)
+# =============================================================================================
+class ReplayBuffer:
+    """Offline and online transitions in one preallocated buffer on the device, each with its weight w
+    (Eq. 6) and priority rho (Eq. 10). pi_BC is frozen and a stored action never changes, so w and rho
+    are fixed when a transition enters. Proportional sampling, P_i = rho_i / sum_j rho_j, is then exact
+    and O(log n) per sample: an append-only float64 prefix sum of rho and a binary search, with no pass
+    over the buffer per update."""
+
+    def __init__(self, capacity: int, obs_dim: int, act_dim: int, device, seed: int):
+        def zeros(*shape, dtype=torch.float32):
+            return torch.zeros(capacity, *shape, dtype=dtype, device=device)
+
+        self.observations, self.next_observations = zeros(obs_dim), zeros(obs_dim)
+        self.actions, self.rewards, self.terminals = zeros(act_dim), zeros(), zeros()
+        self.weights, self.priorities = zeros(), zeros()
+        self.priority_prefix_sum = zeros(dtype=torch.float64)
+        self.capacity, self.size, self.device = capacity, 0, device
+        self.generator = torch.Generator(device).manual_seed(seed)
+
+    def add(self, obs, actions, rewards, next_obs, terminals, weights, priorities):
+        n, start = len(rewards), self.size
+        if start + n > self.capacity:
+            raise ValueError(f"replay buffer overflow: {start} + {n} > capacity {self.capacity}")
+        end = start + n
+        for column, value in ((self.observations, obs), (self.actions, actions), (self.rewards, rewards),
+                              (self.next_observations, next_obs), (self.terminals, terminals),
+                              (self.weights, weights), (self.priorities, priorities)):
+            column[start:end] = torch.as_tensor(value, dtype=column.dtype, device=self.device)
+        previous = self.priority_prefix_sum[start - 1] if start > 0 else 0.0
+        self.priority_prefix_sum[start:end] = previous + torch.cumsum(self.priorities[start:end].double(), 0)
+        self.size = end
+
+    def sample(self, batch_size: int, prioritized: bool = False):
+        """Indices and (s, a, r, s', terminal) of a batch, uniform or with P_i = rho_i / sum_j rho_j."""
+        if prioritized:
+            total = self.priority_prefix_sum[self.size - 1]
+            u = torch.rand(batch_size, dtype=torch.float64, device=self.device, generator=self.generator) * total
+            idx = torch.searchsorted(self.priority_prefix_sum[: self.size], u, right=True).clamp_(max=self.size - 1)
+        else:
+            idx = torch.randint(0, self.size, (batch_size,), device=self.device, generator=self.generator)
+        return idx, (self.observations[idx], self.actions[idx], self.rewards[idx], self.next_observations[idx],
+                     self.terminals[idx])
+
+
+
+# =============================================================================================
+# The run: offline pretraining, resumable
+# =============================================================================================
+def main(args: Args):
+    resume = None
+    if args.resume:  # the run goes on with its own arguments
+        defaults = vars(Args())
+        ignored = [f"--{name.replace('_', '-')}" for name, value in vars(args).items()
+                   if name not in ("resume", "stop_after", "cuda") and value != defaults[name]]
+        if ignored:
+            print(f"note: --resume continues the run with its own arguments; ignored: {' '.join(ignored)}")
+        resume = load_checkpoint(args.resume, "--resume", "resume", ("iql", "cql"), {})
+        saved = {name: value for name, value in resume["args"].items() if name in Args.__dataclass_fields__}
+        args = Args(**{**saved, "resume": args.resume, "stop_after": args.stop_after, "cuda": args.cuda})
+    for name, value in ALGORITHM_DEFAULTS[args.algo].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    device = seed_and_pick_device(args)
+
+    # --- data (as the fine-tuning scripts load it) --------------------------------------------
+    data, make_env, ref_scores, max_action = load_offline_data(args.env_id)
+    obs_dim, act_dim, n_offline = data["observations"].shape[1], data["actions"].shape[1], len(data["rewards"])
+    context = {"dataset_id": args.env_id, "obs_dim": obs_dim, "act_dim": act_dim, "hidden_dim": args.hidden_dim}
+    if resume:
+        if (resume["obs_dim"], resume["act_dim"], resume["transitions"]) != (obs_dim, act_dim, n_offline):
+            fail(f"--resume {args.resume!r} was made on {resume['transitions']} transitions of {args.env_id}, which "
+                 f"now has {n_offline}: the dataset changed, so the run cannot continue exactly. Start a new run.")
+        obs_mean, obs_std, reward_scale = resume["obs_mean"].numpy(), resume["obs_std"].numpy(), resume["reward_scale"]
+    else:
+        obs_mean, obs_std, reward_scale = data_statistics(data, args, None, None)
+    context.update(obs_mean=torch.as_tensor(obs_mean), obs_std=torch.as_tensor(obs_std), reward_scale=reward_scale)
+
+    def normalize(obs):
+        return (obs - obs_mean) / obs_std
+
+    buffer = ReplayBuffer(n_offline, obs_dim, act_dim, device, args.seed)
+    ones = np.ones(n_offline, dtype=np.float32)
+    buffer.add(normalize(data["observations"]), data["actions"], data["rewards"] * reward_scale,
+               normalize(data["next_observations"]), data["terminals"], ones, ones)
+    del data
+
+    start_step = resume["step"] if resume else 0
+    if resume:
+        run_dir = os.path.dirname(os.path.abspath(args.resume))
+        writer = SummaryWriter(run_dir, purge_step=start_step + 1)  # drop what was logged after the checkpoint
+        print(f"resuming {run_dir} at update {start_step} of {args.offline_steps}")
+    else:
+        run_dir, writer = start_run(args, f"{args.algo.upper()} on {n_offline} offline transitions, obs {obs_dim}, "
+                                          f"actions {act_dim}, reward scale {reward_scale:.4g}, device {device}",
+                                    ref_scores)
+    agent = AGENTS[args.algo](obs_dim, act_dim, max_action, args).to(device)
+    eval_env = make_env(eval_env=True)
+    eval_env.action_space.seed(args.seed)
+
+    def run_evaluation(prefix: str, step: int):
+        returns, q_bias = evaluate(agent, eval_env, normalize, args.eval_episodes, args.seed + 10_000, args.gamma,
+                                   reward_scale, device)
+        log_evaluation(writer, prefix, step, ref_scores, returns, q_bias)
+
+    # --- offline pretraining: the fine-tuning scripts' offline phase ----------------------------
+    metric_sum = torch.zeros(len(agent.METRICS), device=device)
+    if resume:
+        agent.load_pretrained(resume["state_dict"])
+        metric_sum.copy_(resume["metric_sum"])
+        buffer.generator.set_state(resume["rng"]["buffer"])
+        torch.set_rng_state(resume["rng"]["torch"])
+        if device.type == "cuda":
+            torch.cuda.set_rng_state(resume["rng"]["cuda"])
+    unit_weights, start = torch.ones(args.batch_size, device=device), time.time()
+
+    def save_resumable(step: int):
+        rng = {"buffer": buffer.generator.get_state(), "torch": torch.get_rng_state()}
+        if device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state()
+        save_checkpoint(os.path.join(run_dir, "resume.pt"), "resume", args.algo,
+                        {"agent": agent.state_dict(), "optimizer": agent.optimizer.state_dict()}, context, args,
+                        step=step, transitions=n_offline, metric_sum=metric_sum.cpu(), rng=rng)
+
+    for step in range(start_step + 1, args.offline_steps + 1):
+        if args.algo == "iql":  # cosine decay of the actor lr, ending with the offline phase
+            agent.set_actor_lr(args.actor_lr * 0.5 * (1.0 + math.cos(math.pi * (step - 1) / args.offline_steps)))
+        metric_sum += agent.update(buffer.sample(args.batch_size)[1], unit_weights)
+        if step % args.log_every == 0 or step == args.offline_steps:
+            count = step % args.log_every or args.log_every
+            log_metrics(writer, "offline/losses/", agent.METRICS, metric_sum, count, step)
+            writer.add_scalar("offline/charts/SPS", int((step - start_step) / (time.time() - start)), step)
+            metric_sum.zero_()
+        if (args.offline_eval_every and step % args.offline_eval_every == 0) or step == args.offline_steps:
+            run_evaluation("offline/", step)
+        stopping = args.stop_after and step - start_step == args.stop_after and step < args.offline_steps
+        if (args.checkpoint_every and step % args.checkpoint_every == 0) or stopping:
+            save_resumable(step)
+        if stopping:
+            writer.close()
+            print(f"stopped after {args.stop_after} updates (update {step} of {args.offline_steps}); continue with "
+                  f"`python offline_pretrain.py --resume {os.path.join(run_dir, 'resume.pt')}`")
+            return
+    save_checkpoint(os.path.join(run_dir, "offline.pt"), "offline", args.algo,
+                    {"agent": agent.state_dict(), "optimizer": agent.optimizer.state_dict()}, context, args)
+    writer.close()
+    print(f"done: {os.path.join(run_dir, 'offline.pt')} (use it with `python baq_{args.algo}.py --env-id {args.env_id} "
+          f"--offline-checkpoint {os.path.join(run_dir, 'offline.pt')}`)")
+
+
+# =============================================================================================
+# PLUMBING. Nothing below depends on the algorithm: errors, flags, data loading, evaluation,
+# logging, checkpoints, memory settings. Identical text in every script that has it.
+# =============================================================================================
 def fail(message: str):
     """Stop with one clear paragraph (input, cause, fix) and a non-zero exit."""
     raise SystemExit(f"error: {message}")
 
 
+# Every numeric flag of every script, with the values it accepts (NaN and inf are never accepted).
+FLAG_DOMAINS = {
+    **dict.fromkeys(["offline_steps", "bc_steps", "online_steps", "offline_eval_every", "checkpoint_every",
+                     "stop_after", "figure_points", "threads"], ("an integer >= 0", lambda v: v >= 0)),
+    **dict.fromkeys(["eval_every", "eval_episodes", "log_every", "batch_size", "hidden_dim", "cql_n_actions"],
+                    ("an integer >= 1", lambda v: v >= 1)),
+    **dict.fromkeys(["obs_norm_eps", "reward_scale", "bc_lr", "actor_lr", "critic_lr", "value_lr", "kq", "krho",
+                     "cql_temperature", "exp_adv_max"], ("a number > 0", lambda v: v > 0)),
+    **dict.fromkeys(["cql_alpha", "online_cql_alpha", "beta"], ("a number >= 0", lambda v: v >= 0)),
+    "gamma": ("a number in [0, 1)", lambda v: 0 <= v < 1),
+    "tau": ("a number in (0, 1]", lambda v: 0 < v <= 1),
+    "expectile": ("a number in (0, 1)", lambda v: 0 < v < 1),
+    "priority_alpha": ("a finite number", lambda v: True),
+    "target_entropy": ("a finite number", lambda v: True),
+}
+
+
+def check_flags(args):
+    """Refuse a numeric flag outside its domain before anything is loaded or written."""
+    for name, value in vars(args).items():
+        if name not in FLAG_DOMAINS or value is None or isinstance(value, bool):
+            continue
+        domain, accepts = FLAG_DOMAINS[name]
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and accepts(value)):
+            fail(f"--{name.replace('_', '-')} {value} is outside its domain: it must be {domain}. "
+                 f"See `--help` for what it means.")
+
+
 def keep_freed_memory():
     """glibc returns freed blocks above its mmap threshold to the OS, so on a CPU every update
-    page-faults its large activations in anew (10% of a CQL update); keep them in the heap."""
+    page-faults its large activations in anew; keep them in the heap."""
     if sys.platform.startswith("linux"):
         try:
             libc = ctypes.CDLL("libc.so.6")
@@ -115,9 +631,50 @@ def keep_freed_memory():
         libc.mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD
 
 
-# ---------------------------------------------------------------------------------------------
-# Data: D4RL names and Minari ids, episodes to transitions, scores
-# ---------------------------------------------------------------------------------------------
+def seed_and_pick_device(args):
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
+    if args.cuda and device.type == "cpu":
+        print("note: CUDA is not available; running on the CPU.")
+    if device.type == "cpu":
+        keep_freed_memory()  # measured: CQL 9.3 -> 10.3 updates/s, IQL +KEEP_FREED_IQL
+    return device
+
+
+def start_run(args, description: str, ref_scores):
+    """CleanRL's run directory and TensorBoard writer. The directory is created exclusively: two runs
+    started in the same second get two directories (the second name ends in _1, _2, ...)."""
+    run_name = f"{args.env_id.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    base = os.path.join(args.runs_dir, run_name)
+    run_dir, attempt = base, 0
+    os.makedirs(args.runs_dir, exist_ok=True)
+    while True:
+        try:
+            os.mkdir(run_dir)
+            break
+        except FileExistsError:
+            attempt += 1
+            run_dir = f"{base}_{attempt}"
+    writer = SummaryWriter(run_dir)
+    table = "\n".join(f"|{name}|{value}|" for name, value in vars(args).items())
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + table)
+    print(f"run {run_dir}: {description}")
+    if ref_scores is None:
+        print(f"note: {args.env_id} has no reference scores; eval/normalized_score is not logged, only eval/return.")
+    return run_dir, writer
+
+
+def log_metrics(writer, prefix: str, names, metric_sum, count: int, step: int):
+    for name, value in zip(names, (metric_sum / count).tolist()):
+        writer.add_scalar(f"{prefix}{name}", value, step)
+
+
+# --- data: D4RL names and Minari ids, episodes to transitions, scores -------------------------
 D4RL_REF_SCORES = {  # (random, expert) returns from d4rl/infos.py, used by every locomotion version
     "hopper": (-20.272305, 3234.3),
     "halfcheetah": (-280.178953, 12135.0),
@@ -221,22 +778,49 @@ def load_offline_data(env_id: str):
     """Transitions of --env-id, a maker of its environment (`make_env(eval_env=...)`), its reference
     scores (None when unknown) and its action bound."""
     datasets = [load_minari_dataset(dataset_id, env_id) for dataset_id in resolve_dataset_ids(env_id)]
+    first = datasets[0]
     for dataset in datasets:
-        if not isinstance(dataset.observation_space, gym.spaces.Box) or not isinstance(dataset.action_space, gym.spaces.Box):
-            fail(f"--env-id {env_id!r}: BAQ needs flat Box observations and actions; {dataset.spec.dataset_id} has {dataset.observation_space} and {dataset.action_space}.")
-        if dataset.observation_space.shape != datasets[0].observation_space.shape or dataset.action_space.shape != datasets[0].action_space.shape:
-            fail(f"--env-id {env_id!r} combines datasets of different shapes; combine only datasets of one environment.")
+        spaces = (dataset.observation_space, dataset.action_space)
+        if not all(isinstance(space, gym.spaces.Box) for space in spaces):
+            fail(f"--env-id {env_id!r}: BAQ needs flat Box observations and actions; {dataset.spec.dataset_id} has "
+                 f"{dataset.observation_space} and {dataset.action_space}.")
+        if (dataset.observation_space.shape, dataset.action_space.shape) != (first.observation_space.shape,
+                                                                               first.action_space.shape):
+            fail(f"--env-id {env_id!r} combines datasets of different shapes; combine only datasets of one "
+                 f"environment.")
     data = episodes_to_transitions(e for dataset in datasets for e in dataset.iterate_episodes())
-    action_space = datasets[0].action_space
+    action_space = first.action_space
     if not (np.allclose(action_space.low, -action_space.high) and np.allclose(action_space.high, action_space.high[0])):
-        fail(f"--env-id {env_id!r}: BAQ's tanh policies need a symmetric action box [-c, c]; the dataset has {action_space}.")
-    metadata = datasets[0].storage.metadata
-    env_name = datasets[0].spec.env_spec.id.split("-")[0].lower()
+        fail(f"--env-id {env_id!r}: BAQ's tanh policies need a symmetric action box [-c, c]; the dataset has "
+             f"{action_space}.")
+    metadata = first.storage.metadata
+    env_name = first.spec.env_spec.id.split("-")[0].lower()
     if metadata.get("ref_min_score") is not None and metadata.get("ref_max_score") is not None:
         ref_scores = (float(metadata["ref_min_score"]), float(metadata["ref_max_score"]))
     else:
         ref_scores = D4RL_REF_SCORES.get(env_name)
-    return data, datasets[0].recover_environment, ref_scores, float(action_space.high[0])
+    return data, first.recover_environment, ref_scores, float(action_space.high[0])
+
+
+def data_statistics(data: dict, args, offline_checkpoint, bc_checkpoint):
+    """Observation mean and std and the reward scale: the offline checkpoint's when one is given (its
+    networks were trained with them), else the dataset's. A BC checkpoint must agree with them."""
+    if offline_checkpoint:
+        obs_mean, obs_std = offline_checkpoint["obs_mean"].numpy(), offline_checkpoint["obs_std"].numpy()
+        reward_scale = offline_checkpoint["reward_scale"]
+    else:
+        obs_mean = data["observations"].mean(0)
+        obs_std = data["observations"].std(0) + args.obs_norm_eps
+        return_range = np.ptp(data["episode_returns"])
+        reward_scale = float(args.reward_scale or (1000.0 / return_range if return_range > 0 else 1.0))
+    if bc_checkpoint:
+        for name, ours in (("mean", obs_mean), ("std", obs_std)):
+            if not np.allclose(bc_checkpoint[f"obs_{name}"].numpy(), ours, atol=1e-5):
+                fail(f"--bc-checkpoint {args.bc_checkpoint!r} normalizes observations with another {name} than this "
+                     f"run ({'its --offline-checkpoint' if offline_checkpoint else f'--env-id {args.env_id}'}): pi_BC "
+                     f"would see other states. Pass a bc.pt trained on the same dataset with the same "
+                     f"--obs-norm-eps, or drop --bc-checkpoint to train pi_BC here.")
+    return obs_mean, obs_std, reward_scale
 
 
 def normalized_score(episode_return, ref_scores):
@@ -245,357 +829,7 @@ def normalized_score(episode_return, ref_scores):
     return 100.0 * (np.asarray(episode_return) - ref_min) / (ref_max - ref_min)
 
 
-# ---------------------------------------------------------------------------------------------
-# Networks
-# ---------------------------------------------------------------------------------------------
-def mlp(in_dim: int, out_dim: int, hidden_dim: int, n_hidden: int) -> nn.Sequential:
-    layers, dim = [], in_dim
-    for _ in range(n_hidden):
-        layers += [nn.Linear(dim, hidden_dim), nn.ReLU()]
-        dim = hidden_dim
-    return nn.Sequential(*layers, nn.Linear(dim, out_dim))
-
-
-class GaussianPolicy(nn.Module):
-    """Gaussian with a tanh-bounded mean and a state-independent log-std: pi_BC of Eq. 2."""
-
-    def __init__(self, obs_dim: int, act_dim: int, hidden_dim: int, max_action: float):
-        super().__init__()
-        self.net = mlp(obs_dim, act_dim, hidden_dim, n_hidden=2)
-        self.log_std = nn.Parameter(torch.zeros(act_dim))
-        self.max_action = max_action
-
-    def forward(self, obs):
-        return self.max_action * torch.tanh(self.net(obs))
-
-    def log_prob(self, obs, actions):
-        log_std = self.log_std.clamp(-20.0, 2.0)
-        z = (actions - self(obs)) * torch.exp(-log_std)
-        return (-0.5 * z.pow(2) - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
-
-    def sample(self, obs):
-        mean = self(obs)
-        action = mean + torch.randn_like(mean) * self.log_std.clamp(-20.0, 2.0).exp()
-        return action.clamp(-self.max_action, self.max_action)
-
-
-class EnsembleLinear(nn.Module):
-    """`size` independent linear layers evaluated as one batched matrix product."""
-
-    def __init__(self, in_dim: int, out_dim: int, size: int):
-        super().__init__()
-        bound = 1.0 / math.sqrt(in_dim)  # nn.Linear's default initialization, per member
-        self.weight = nn.Parameter(torch.empty(size, in_dim, out_dim).uniform_(-bound, bound))
-        self.bias = nn.Parameter(torch.empty(size, 1, out_dim).uniform_(-bound, bound))
-
-    def forward(self, x):
-        return torch.baddbmm(self.bias, x, self.weight)
-
-
-class TwinQ(nn.Module):
-    """Two Q networks as one ensemble network: Q(s, a) -> [2, batch]."""
-
-    def __init__(self, obs_dim: int, act_dim: int, hidden_dim: int, n_hidden: int = 2):
-        super().__init__()
-        dims = [obs_dim + act_dim] + [hidden_dim] * n_hidden
-        self.hidden = nn.ModuleList(EnsembleLinear(i, o, 2) for i, o in zip(dims[:-1], dims[1:]))
-        self.out = EnsembleLinear(hidden_dim, 1, 2)
-
-    def forward(self, obs, actions):
-        x = torch.cat([obs, actions], -1).expand(2, *obs.shape[:-1], obs.shape[-1] + actions.shape[-1])
-        for layer in self.hidden:
-            x = torch.relu(layer(x))
-        return self.out(x).squeeze(-1)
-
-
-class TanhGaussianActor(nn.Module):
-    """SAC-style actor: a = max_action * tanh(u), u ~ N(mean(s), std(s)), 3 hidden layers."""
-
-    def __init__(self, obs_dim: int, act_dim: int, hidden_dim: int, max_action: float):
-        super().__init__()
-        self.net = mlp(obs_dim, 2 * act_dim, hidden_dim, n_hidden=3)
-        self.max_action = max_action
-
-    def forward(self, obs, deterministic: bool = False):
-        """An action and its log-probability (None when deterministic: max_action * tanh(mean))."""
-        mean, log_std = self.net(obs).chunk(2, -1)
-        if deterministic:
-            return self.max_action * torch.tanh(mean), None
-        log_std = (log_std - 1.0).clamp(-20.0, 2.0)  # CORL's log-std offset of -1
-        noise = torch.randn_like(mean)
-        u = mean + noise * log_std.exp()
-        # log N(u) - log(1 - tanh(u)^2), the latter in its stable form 2 (log 2 - u - softplus(-2u))
-        log_prob = (-0.5 * noise.pow(2) - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
-        log_prob = log_prob - (2.0 * (math.log(2.0) - u - nn.functional.softplus(-2.0 * u))).sum(-1)
-        return self.max_action * torch.tanh(u), log_prob
-
-
-def orthogonal_init_(weights_and_biases):
-    """CORL's CQL initialization: orthogonal hidden layers (gain sqrt 2), a near-zero output layer.
-    Takes (weight [out, in] or [in, out] per network, bias) pairs, hidden layers first."""
-    with torch.no_grad():
-        for i, (weight, bias) in enumerate(weights_and_biases):
-            if i < len(weights_and_biases) - 1:
-                nn.init.orthogonal_(weight, gain=math.sqrt(2.0))
-            else:
-                nn.init.xavier_uniform_(weight, gain=1e-2)
-            bias.zero_()
-
-
-# ---------------------------------------------------------------------------------------------
-# Replay buffer (the fine-tuning scripts' own; offline, every w and rho is 1)
-# ---------------------------------------------------------------------------------------------
-class ReplayBuffer:
-    """Offline and online transitions in one preallocated buffer on the device.
-
-    pi_BC is frozen and a stored action never changes, so each transition's weight w (Eq. 6) and
-    priority rho (Eq. 10) are fixed when it enters the buffer. Proportional sampling,
-    P_i = rho_i / sum_j rho_j, is then exact and O(log n) per sample: an append-only float64 prefix
-    sum of rho and a binary search, with no pass over the buffer per update."""
-
-    def __init__(self, capacity: int, obs_dim: int, act_dim: int, device, seed: int):
-        def zeros(*shape, dtype=torch.float32):
-            return torch.zeros(capacity, *shape, dtype=dtype, device=device)
-
-        self.observations, self.next_observations = zeros(obs_dim), zeros(obs_dim)
-        self.actions, self.rewards, self.terminals = zeros(act_dim), zeros(), zeros()
-        self.weights, self.priorities = zeros(), zeros()
-        self.priority_prefix_sum = zeros(dtype=torch.float64)
-        self.capacity, self.size, self.offline_size, self.device = capacity, 0, 0, device
-        self.generator = torch.Generator(device).manual_seed(seed)
-
-    def add(self, obs, actions, rewards, next_obs, terminals, weights, priorities):
-        n, start = len(rewards), self.size
-        if start + n > self.capacity:
-            raise ValueError(f"replay buffer overflow: {start} + {n} > capacity {self.capacity}")
-        end = start + n
-        for column, value in ((self.observations, obs), (self.actions, actions), (self.rewards, rewards),
-                              (self.next_observations, next_obs), (self.terminals, terminals),
-                              (self.weights, weights), (self.priorities, priorities)):
-            column[start:end] = torch.as_tensor(value, dtype=column.dtype, device=self.device)
-        previous = self.priority_prefix_sum[start - 1] if start > 0 else 0.0
-        self.priority_prefix_sum[start:end] = previous + torch.cumsum(self.priorities[start:end].double(), 0)
-        self.size = end
-
-    def set_behavior_terms(self, weights, priorities):
-        """Give the transitions already stored (the offline data) their w and rho, once pi_BC exists."""
-        self.weights[: self.size] = weights
-        self.priorities[: self.size] = priorities
-        self.priority_prefix_sum[: self.size] = torch.cumsum(self.priorities[: self.size].double(), 0)
-        self.offline_size = self.size
-
-    def sample_indices(self, batch_size: int, prioritized: bool, generator=None):
-        generator = generator or self.generator
-        if not prioritized:
-            return torch.randint(0, self.size, (batch_size,), device=self.device, generator=generator)
-        total = self.priority_prefix_sum[self.size - 1]
-        u = torch.rand(batch_size, dtype=torch.float64, device=self.device, generator=generator) * total
-        return torch.searchsorted(self.priority_prefix_sum[: self.size], u, right=True).clamp_(max=self.size - 1)
-
-    def sample(self, batch_size: int, prioritized: bool = False, generator=None):
-        idx = self.sample_indices(batch_size, prioritized, generator)
-        return idx, (self.observations[idx], self.actions[idx], self.rewards[idx], self.next_observations[idx], self.terminals[idx])
-
-    def behavior_statistics(self, idx):
-        """Mean w, mean rho and the share of online transitions of a sampled batch."""
-        return torch.stack([self.weights[idx].mean(), self.priorities[idx].mean(), (idx >= self.offline_size).float().mean()])
-
-
-# ---------------------------------------------------------------------------------------------
-# The agents' shared update
-# ---------------------------------------------------------------------------------------------
-class OfflineAgent(nn.Module):
-    """The update that IQL and CQL share (the fine-tuning scripts each carry their own copy): one
-    gradient step on the summed losses, then the soft update of the target critics."""
-
-    def update(self, batch, weights):
-        """One gradient step on a batch (s, a, r, s', terminal) with per-transition weights w."""
-        total_loss, metrics = self.compute_losses(*batch, weights)
-        self.optimizer.zero_grad(set_to_none=True)
-        total_loss.backward()
-        self.optimizer.step()
-        with torch.no_grad():
-            torch._foreach_lerp_(list(self.qf_target.parameters()), list(self.qf.parameters()), self.args.tau)
-        return metrics
-
-
-# ---------------------------------------------------------------------------------------------
-# IQL with the BAQ weights (Eqs. 8, 9)
-# ---------------------------------------------------------------------------------------------
-def expectile_loss(diff, expectile: float):
-    """L2_tau(u) = |tau - 1(u < 0)| u^2 (Eq. 4)."""
-    return torch.abs(expectile - (diff < 0).float()) * diff.pow(2)
-
-
-def iql_value_loss(target_q, v, weights, expectile: float):
-    """Eq. 8: E[w(s,a) L2_tau(Q(s,a) - V(s))]."""
-    return (weights * expectile_loss(target_q - v, expectile)).mean()
-
-
-def iql_q_loss(qs, rewards, terminals, next_v, weights, gamma: float):
-    """Eq. 9: E[w(s,a) (r + gamma V(s') - Q(s,a))^2], averaged over the twin critics."""
-    target = rewards + gamma * (1.0 - terminals) * next_v
-    return (weights * (target - qs).pow(2)).mean()
-
-
-def iql_actor_loss(log_prob, advantage, beta: float, exp_adv_max: float):
-    """IQL's advantage-weighted regression: E[-exp(beta A) log pi(a|s)], exp clipped."""
-    return -(torch.exp(beta * advantage).clamp(max=exp_adv_max) * log_prob).mean()
-
-
-class IQL(OfflineAgent):
-    """IQL's actor (the same Gaussian policy as pi_BC), twin Q and V, trained by one optimizer."""
-
-    METRICS = ("q_loss", "value_loss", "actor_loss", "q_values")
-
-    def __init__(self, obs_dim, act_dim, max_action, args: Args):
-        super().__init__()
-        self.actor = GaussianPolicy(obs_dim, act_dim, args.hidden_dim, max_action)
-        self.qf = TwinQ(obs_dim, act_dim, args.hidden_dim)
-        self.qf_target = TwinQ(obs_dim, act_dim, args.hidden_dim).requires_grad_(False)
-        self.qf_target.load_state_dict(self.qf.state_dict())
-        self.vf = mlp(obs_dim, 1, args.hidden_dim, n_hidden=2)
-        # The V, Q and actor losses all use parameters from before this update, and their parameter
-        # sets are disjoint: one backward and one Adam step are exactly three separate updates.
-        self.optimizer = torch.optim.Adam([
-            {"params": self.actor.parameters(), "lr": args.actor_lr},
-            {"params": self.qf.parameters(), "lr": args.critic_lr},
-            {"params": self.vf.parameters(), "lr": args.value_lr},
-        ], fused=True)
-        self.compute_losses = torch.compile(self.losses) if args.compile else self.losses
-        self.args = args
-
-    def set_actor_lr(self, lr: float):
-        self.optimizer.param_groups[0]["lr"] = lr
-
-    def start_online(self):
-        """The offline cosine schedule ends with the offline phase: a constant actor lr online."""
-        self.set_actor_lr(self.args.actor_lr)
-
-    def losses(self, obs, actions, rewards, next_obs, terminals, weights):
-        args = self.args
-        with torch.no_grad():
-            target_q = self.qf_target(obs, actions).min(0).values
-            next_v = self.vf(next_obs).squeeze(-1)
-        v = self.vf(obs).squeeze(-1)
-        value_loss = iql_value_loss(target_q, v, weights, args.expectile)  # Eq. 8
-        qs = self.qf(obs, actions)
-        q_loss = iql_q_loss(qs, rewards, terminals, next_v, weights, args.gamma)  # Eq. 9
-        advantage = (target_q - v).detach()
-        actor_loss = iql_actor_loss(self.actor.log_prob(obs, actions), advantage, args.beta, args.exp_adv_max)
-        return value_loss + q_loss + actor_loss, torch.stack([q_loss, value_loss, actor_loss, qs.mean()]).detach()
-
-    @torch.no_grad()
-    def act(self, obs, deterministic: bool):
-        return self.actor(obs) if deterministic else self.actor.sample(obs)
-
-    @torch.no_grad()
-    def q_value(self, obs, actions):
-        return self.qf(obs, actions).min(0).values
-
-
-# ---------------------------------------------------------------------------------------------
-# CQL with the BAQ weights (Eq. 7)
-# ---------------------------------------------------------------------------------------------
-def cql_bellman_loss(q_data, td_target, weights):
-    """Eq. 7: E[w(s,a) (Q(s,a) - B^pi Q_target(s,a))^2] for each critic, summed over the twin critics.
-    The paper's text says the weight goes on the "conservative penalty term", but Eq. 7 weights the
-    Bellman term; we implement the equation. (TD term as CORL's MSE; see Args.cql_alpha.)"""
-    return (weights * (q_data - td_target).pow(2)).mean(-1).sum()
-
-
-def cql_penalty(q_sampled, log_density, q_data, temperature: float):
-    """Eq. 3's conservative term, unweighted: E_s[T logsumexp_a'(Q(s,a') / T) - Q(s,a)] for each
-    critic, summed; a' are sampled and importance-weighted by their log-density:
-    q_sampled [critics, batch, samples], log_density [batch, samples], q_data [critics, batch]."""
-    out_of_distribution = temperature * torch.logsumexp((q_sampled - log_density) / temperature, dim=-1)
-    return (out_of_distribution - q_data).mean(-1).sum()
-
-
-def entropy_temperature_loss(log_alpha, log_prob, target_entropy: float):
-    """SAC's automatic entropy tuning: alpha grows while the policy's entropy is below the target."""
-    return -(log_alpha * (log_prob.detach() + target_entropy)).mean()
-
-
-class CQL(OfflineAgent):
-    """SAC-style CQL: tanh-Gaussian actor, twin Q (3x256), automatic entropy tuning, one optimizer."""
-
-    METRICS = ("q_loss", "cql_penalty", "actor_loss", "q_values", "alpha")
-
-    def __init__(self, obs_dim, act_dim, max_action, args: Args):
-        super().__init__()
-        self.actor = TanhGaussianActor(obs_dim, act_dim, args.hidden_dim, max_action)
-        self.qf = TwinQ(obs_dim, act_dim, args.hidden_dim, n_hidden=3)
-        linears = [m for m in self.actor.net if isinstance(m, nn.Linear)]
-        orthogonal_init_([(m.weight, m.bias) for m in linears])
-        for member in range(2):
-            orthogonal_init_([(layer.weight[member], layer.bias[member]) for layer in [*self.qf.hidden, self.qf.out]])
-        self.qf_target = TwinQ(obs_dim, act_dim, args.hidden_dim, n_hidden=3).requires_grad_(False)
-        self.qf_target.load_state_dict(self.qf.state_dict())
-        self.log_alpha = nn.Parameter(torch.zeros(()))
-        self.register_buffer("cql_alpha", torch.tensor(args.cql_alpha))  # a tensor: changing it needs no recompile
-        self.target_entropy = -float(act_dim) if args.target_entropy is None else args.target_entropy
-        self.log_uniform_density = -act_dim * math.log(2.0 * max_action)
-        self.max_action = max_action
-        # The entropy, actor and critic losses all use parameters from before this update and reach
-        # disjoint parameters (the actor's Q is evaluated with detached critic weights, the critics'
-        # sampled actions are detached): one backward and one Adam step are CORL's three updates.
-        self.optimizer = torch.optim.Adam([
-            {"params": self.actor.parameters(), "lr": args.actor_lr},
-            {"params": self.qf.parameters(), "lr": args.critic_lr},
-            {"params": [self.log_alpha], "lr": args.actor_lr},
-        ], fused=True)
-        self.compute_losses = torch.compile(self.losses) if args.compile else self.losses
-        self.args = args
-
-    def start_online(self):
-        """The conservative penalty stays during fine-tuning, with its online weight."""
-        self.cql_alpha.fill_(self.args.cql_alpha if self.args.online_cql_alpha is None else self.args.online_cql_alpha)
-
-    def losses(self, obs, actions, rewards, next_obs, terminals, weights):
-        args, batch_size, n = self.args, obs.shape[0], self.args.cql_n_actions
-        new_actions, log_prob = self.actor(obs)
-        alpha_loss = entropy_temperature_loss(self.log_alpha, log_prob, self.target_entropy)
-        alpha = self.log_alpha.exp().detach()
-        frozen_critics = {name: p.detach() for name, p in self.qf.named_parameters()}
-        q_new = torch.func.functional_call(self.qf, frozen_critics, (obs, new_actions)).min(0).values
-        actor_loss = (alpha * log_prob - q_new).mean()
-
-        with torch.no_grad():
-            # one actor pass for every sampled action: a' ~ pi(.|s') for the target, then n actions
-            # ~ pi(.|s) and n ~ pi(.|s') for the penalty
-            obs_n, next_obs_n = obs.repeat_interleave(n, 0), next_obs.repeat_interleave(n, 0)
-            sampled, sampled_log_prob = self.actor(torch.cat([next_obs, obs_n, next_obs_n]))
-            target_q = self.qf_target(next_obs, sampled[:batch_size]).min(0).values
-            td_target = rewards + args.gamma * (1.0 - terminals) * target_q
-            uniform = (torch.rand_like(sampled[batch_size:batch_size + batch_size * n]) * 2.0 - 1.0) * self.max_action
-            log_density = torch.cat([torch.full_like(sampled_log_prob[:batch_size * n], self.log_uniform_density),
-                                     sampled_log_prob[batch_size:]]).view(3, batch_size, n)
-        # one critic pass for the dataset actions and the 3n sampled actions, all at s
-        q_all = self.qf(torch.cat([obs, obs_n, obs_n, obs_n]), torch.cat([actions, uniform, sampled[batch_size:]]))
-        q_data = q_all[:, :batch_size]
-        q_sampled = q_all[:, batch_size:].view(2, 3, batch_size, n).permute(0, 2, 1, 3).reshape(2, batch_size, 3 * n)
-        log_density = log_density.permute(1, 0, 2).reshape(batch_size, 3 * n)
-        q_loss = cql_bellman_loss(q_data, td_target, weights)  # Eq. 7
-        penalty = cql_penalty(q_sampled, log_density, q_data, args.cql_temperature)
-        total_loss = q_loss + self.cql_alpha * penalty + actor_loss + alpha_loss
-        return total_loss, torch.stack([q_loss, penalty, actor_loss, q_data.mean(), alpha]).detach()
-
-    @torch.no_grad()
-    def act(self, obs, deterministic: bool):
-        return self.actor(obs, deterministic)[0]
-
-    @torch.no_grad()
-    def q_value(self, obs, actions):
-        return self.qf(obs, actions).min(0).values
-
-
-AGENTS = {"iql": IQL, "cql": CQL}
-
-
-# ---------------------------------------------------------------------------------------------
-# Evaluation
-# ---------------------------------------------------------------------------------------------
+# --- evaluation -------------------------------------------------------------------------------
 def discounted_returns_to_go(rewards, gamma: float):
     returns, running = np.zeros(len(rewards)), 0.0
     for t in range(len(rewards) - 1, -1, -1):
@@ -625,10 +859,19 @@ def evaluate(agent, env, normalize, episodes: int, seed: int, gamma: float, rewa
     return np.asarray(episode_returns), float(np.concatenate(q_errors).mean())
 
 
-# ---------------------------------------------------------------------------------------------
-# Checkpoints
-# ---------------------------------------------------------------------------------------------
-def save_checkpoint(path: str, kind: str, algorithm: str, state_dict: dict, context: dict, args: Args, **extra):
+def log_evaluation(writer, prefix: str, step: int, ref_scores, returns, q_bias: float):
+    writer.add_scalar(f"{prefix}eval/return", returns.mean(), step)
+    writer.add_scalar(f"{prefix}eval/q_bias", q_bias, step)
+    score = ""
+    if ref_scores is not None:
+        writer.add_scalar(f"{prefix}eval/normalized_score", normalized_score(returns.mean(), ref_scores), step)
+        score = f", normalized score {normalized_score(returns.mean(), ref_scores):.1f}"
+    print(f"{prefix or 'online/'}step {step}: return {returns.mean():.1f} +/- {returns.std():.1f}{score}, "
+          f"Q bias {q_bias:.1f}")
+
+
+# --- checkpoints ------------------------------------------------------------------------------
+def save_checkpoint(path: str, kind: str, algorithm: str, state_dict: dict, context: dict, args, **extra):
     """Self-describing checkpoint, written to a temporary file and renamed (never half-written)."""
     payload = {"format": "baq-checkpoint-1", "kind": kind, "algorithm": algorithm, **context,
                "state_dict": state_dict, "args": asdict(args), **extra}
@@ -644,154 +887,26 @@ def load_checkpoint(path: str, flag: str, kind: str, algorithms: tuple, context:
     except FileNotFoundError:
         fail(f"{flag} {path!r}: no such file. Pass the path of a checkpoint written by an earlier run.")
     except Exception as err:
-        fail(f"{flag} {path!r} is not a readable checkpoint ({type(err).__name__}: {err}). Pass a file written by an earlier run.")
+        fail(f"{flag} {path!r} is not a readable checkpoint ({type(err).__name__}: {err}). Pass a file written by an "
+             f"earlier run.")
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != "baq-checkpoint-1":
         fail(f"{flag} {path!r} is not a BAQ checkpoint. Pass an `{kind}.pt` written by an earlier run.")
     if checkpoint["kind"] != kind or checkpoint["algorithm"] not in algorithms:
         needed = " or ".join(a.upper() for a in algorithms)
         fail(
-            f"{flag} {path!r} holds a checkpoint of kind {checkpoint['kind']!r} made by {checkpoint['algorithm'].upper()}, "
-            f"but {flag} needs kind {kind!r} made by {needed}. Pass the `{kind}.pt` written by an earlier {needed} run."
+            f"{flag} {path!r} holds a checkpoint of kind {checkpoint['kind']!r} made by "
+            f"{checkpoint['algorithm'].upper()}, but {flag} needs kind {kind!r} made by {needed}. Pass the "
+            f"`{kind}.pt` written by an earlier {needed} run."
         )
+    same_environment = "pass a checkpoint made on this environment"
+    fixes = {"dataset_id": f"pass a checkpoint made on --env-id {context.get('dataset_id')}",
+             "obs_dim": same_environment, "act_dim": same_environment,
+             "hidden_dim": f"pass --hidden-dim {checkpoint.get('hidden_dim')} to match it"}
     for key in ("dataset_id", "obs_dim", "act_dim", "hidden_dim"):
         if key in context and checkpoint[key] != context[key]:
-            fail(
-                f"{flag} {path!r} was made for {key} {checkpoint[key]!r}, but this run has {context[key]!r}. "
-                f"Pass a checkpoint made on --env-id {context['dataset_id']}, or drop {flag} to train it here."
-            )
+            fail(f"{flag} {path!r} was made for {key} {checkpoint[key]!r}, but this run has {context[key]!r}: "
+                 f"{fixes[key]}, or drop {flag} to train it here.")
     return checkpoint
-
-
-# ---------------------------------------------------------------------------------------------
-# Training
-# ---------------------------------------------------------------------------------------------
-def log_metrics(writer, prefix: str, names, metric_sum, count: int, step: int):
-    for name, value in zip(names, (metric_sum / count).tolist()):
-        writer.add_scalar(f"{prefix}{name}", value, step)
-
-
-def main(args: Args):
-    resume = None
-    if args.resume:  # the run goes on with its own arguments
-        resume = load_checkpoint(args.resume, "--resume", "resume", ("iql", "cql"), {})
-        args = Args(**{**resume["args"], "resume": args.resume, "stop_after": args.stop_after, "cuda": args.cuda})
-    for name in ("offline_steps", "offline_eval_every", "checkpoint_every", "stop_after"):
-        if getattr(args, name) < 0:
-            fail(f"--{name.replace('_', '-')} {getattr(args, name)} is negative; give 0 or more.")
-    for name in ("eval_episodes", "log_every", "batch_size"):
-        if getattr(args, name) <= 0:
-            fail(f"--{name.replace('_', '-')} {getattr(args, name)} must be positive.")
-    if args.reward_scale is not None and args.reward_scale <= 0:
-        fail(f"--reward-scale {args.reward_scale} must be positive (or omitted for the default).")
-    if args.actor_lr is None:
-        args.actor_lr = ALGORITHM_DEFAULTS[args.algo]["actor_lr"]
-    if args.reward_scale is None:
-        args.reward_scale = ALGORITHM_DEFAULTS[args.algo]["reward_scale"]
-
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    torch.backends.cudnn.deterministic = args.torch_deterministic
-    device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
-    if args.cuda and device.type == "cpu":
-        print("note: CUDA is not available; running on the CPU.")
-    if device.type == "cpu":
-        keep_freed_memory()
-
-    # --- data (as the fine-tuning scripts load it) --------------------------------------------
-    data, make_env, ref_scores, max_action = load_offline_data(args.env_id)
-    obs_dim, act_dim, n_offline = data["observations"].shape[1], data["actions"].shape[1], len(data["rewards"])
-    context = {"dataset_id": args.env_id, "obs_dim": obs_dim, "act_dim": act_dim, "hidden_dim": args.hidden_dim}
-    if resume:
-        if (resume["obs_dim"], resume["act_dim"], resume["transitions"]) != (obs_dim, act_dim, n_offline):
-            fail(f"--resume {args.resume!r} was made on {resume['transitions']} transitions of {args.env_id}, which now has "
-                 f"{n_offline}: the dataset changed, so the run cannot continue exactly. Start a new run.")
-        obs_mean, obs_std, reward_scale = resume["obs_mean"].numpy(), resume["obs_std"].numpy(), resume["reward_scale"]
-    else:
-        obs_mean = data["observations"].mean(0)
-        obs_std = data["observations"].std(0) + args.obs_norm_eps
-        return_range = np.ptp(data["episode_returns"])
-        reward_scale = float(args.reward_scale or (1000.0 / return_range if return_range > 0 else 1.0))
-    context.update(obs_mean=torch.as_tensor(obs_mean), obs_std=torch.as_tensor(obs_std), reward_scale=reward_scale)
-
-    def normalize(obs):
-        return (obs - obs_mean) / obs_std
-
-    buffer = ReplayBuffer(n_offline, obs_dim, act_dim, device, args.seed)
-    ones = np.ones(n_offline, dtype=np.float32)
-    buffer.add(normalize(data["observations"]), data["actions"], data["rewards"] * reward_scale,
-               normalize(data["next_observations"]), data["terminals"], ones, ones)
-    del data
-
-    start_step = resume["step"] if resume else 0
-    if resume:
-        run_dir = os.path.dirname(os.path.abspath(args.resume))
-        writer = SummaryWriter(run_dir, purge_step=start_step + 1)  # drop what was logged after the checkpoint
-        print(f"resuming {run_dir} at update {start_step} of {args.offline_steps}")
-    else:
-        run_name = f"{args.env_id.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}"
-        run_dir = os.path.join(args.runs_dir, run_name)
-        writer = SummaryWriter(run_dir)
-        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
-        print(f"run {run_dir}: {args.algo.upper()} on {n_offline} offline transitions, obs {obs_dim}, actions {act_dim}, "
-              f"reward scale {reward_scale:.4g}, device {device}")
-    eval_env = make_env(eval_env=True)
-    eval_env.action_space.seed(args.seed)
-
-    def run_evaluation(prefix: str, step: int):
-        returns, q_bias = evaluate(agent, eval_env, normalize, args.eval_episodes, args.seed + 10_000, args.gamma, reward_scale, device)
-        writer.add_scalar(f"{prefix}eval/return", returns.mean(), step)
-        writer.add_scalar(f"{prefix}eval/q_bias", q_bias, step)
-        score = ""
-        if ref_scores is not None:
-            writer.add_scalar(f"{prefix}eval/normalized_score", normalized_score(returns.mean(), ref_scores), step)
-            score = f", normalized score {normalized_score(returns.mean(), ref_scores):.1f}"
-        print(f"{prefix or 'online/'}step {step}: return {returns.mean():.1f} +/- {returns.std():.1f}{score}, Q bias {q_bias:.1f}")
-
-    # --- offline pretraining: the fine-tuning scripts' offline phase ----------------------------
-    agent = AGENTS[args.algo](obs_dim, act_dim, max_action, args).to(device)
-    metric_sum = torch.zeros(len(agent.METRICS), device=device)
-    if resume:
-        agent.load_state_dict(resume["state_dict"]["agent"])
-        agent.optimizer.load_state_dict(resume["state_dict"]["optimizer"])
-        metric_sum.copy_(resume["metric_sum"])
-        buffer.generator.set_state(resume["rng"]["buffer"])
-        torch.set_rng_state(resume["rng"]["torch"])
-        if device.type == "cuda":
-            torch.cuda.set_rng_state(resume["rng"]["cuda"])
-    unit_weights, start = torch.ones(args.batch_size, device=device), time.time()
-
-    def save_resumable(step: int):
-        rng = {"buffer": buffer.generator.get_state(), "torch": torch.get_rng_state()}
-        if device.type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state()
-        save_checkpoint(os.path.join(run_dir, "resume.pt"), "resume", args.algo,
-                        {"agent": agent.state_dict(), "optimizer": agent.optimizer.state_dict()}, context, args,
-                        step=step, transitions=n_offline, metric_sum=metric_sum.cpu(), rng=rng)
-
-    for step in range(start_step + 1, args.offline_steps + 1):
-        if args.algo == "iql":  # cosine decay of the actor lr, ending with the offline phase
-            agent.set_actor_lr(args.actor_lr * 0.5 * (1.0 + math.cos(math.pi * (step - 1) / args.offline_steps)))
-        metric_sum += agent.update(buffer.sample(args.batch_size)[1], unit_weights)
-        if step % args.log_every == 0 or step == args.offline_steps:
-            log_metrics(writer, "offline/losses/", agent.METRICS, metric_sum, step % args.log_every or args.log_every, step)
-            writer.add_scalar("offline/charts/SPS", int((step - start_step) / (time.time() - start)), step)
-            metric_sum.zero_()
-        if (args.offline_eval_every and step % args.offline_eval_every == 0) or step == args.offline_steps:
-            run_evaluation("offline/", step)
-        stopping = args.stop_after and step - start_step == args.stop_after and step < args.offline_steps
-        if (args.checkpoint_every and step % args.checkpoint_every == 0) or stopping:
-            save_resumable(step)
-        if stopping:
-            writer.close()
-            print(f"stopped after {args.stop_after} updates (update {step} of {args.offline_steps}); continue with "
-                  f"`python offline_pretrain.py --resume {os.path.join(run_dir, 'resume.pt')}`")
-            return
-    save_checkpoint(os.path.join(run_dir, "offline.pt"), "offline", args.algo,
-                    {"agent": agent.state_dict(), "optimizer": agent.optimizer.state_dict()}, context, args)
-    writer.close()
-    print(f"done: {os.path.join(run_dir, 'offline.pt')} (use it with `python baq_{args.algo}.py --env-id {args.env_id} "
-          f"--offline-checkpoint {os.path.join(run_dir, 'offline.pt')}`)")
 
 
 if __name__ == "__main__":

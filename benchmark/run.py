@@ -100,7 +100,8 @@ def plan(args: Args) -> List[Job]:
             for algo in sorted({METHODS[m][0] for m in args.methods}):
                 offline[algo] = Job(f"{dataset} offline-{algo} seed{seed}", os.path.join(base, f"pretrain-{algo}", f"seed{seed}"),
                                     "offline.pt", [python, os.path.join(ROOT, "offline_pretrain.py"), "--algo", algo, *common,
-                                                   *script_flags(preset, "offline_steps"), "--offline-eval-every", "0"])
+                                                   *script_flags(preset, "offline_steps"), "--offline-eval-every", "0",
+                                                   *(["--no-compile"] if algo == "cql" else [])])  # as baq_cql.py
                 jobs.append(offline[algo])
             for method in args.methods:
                 algo, flags = METHODS[method]

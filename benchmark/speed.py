@@ -3,7 +3,8 @@
 # 256, a 1M-transition buffer of synthetic data: the arithmetic and memory traffic of a real run
 # without the environment.
 #
-#   python benchmark/speed.py                      # writes benchmark/results/speed.md
+#   python benchmark/speed.py            # writes benchmark/runs/speed.md (untracked)
+#   python benchmark/speed.py --output benchmark/results/speed.md     # updates the committed table
 import importlib
 import os
 import platform
@@ -42,8 +43,10 @@ class Args:
     """untimed updates first (includes torch.compile's compilation)"""
     cuda: bool = True
     """also measure on CUDA when it is available"""
-    output: str = os.path.join(ROOT, "benchmark", "results", "speed.md")
-    """markdown table written here"""
+    output: str = os.path.join(ROOT, "benchmark", "runs", "speed.md")
+    """markdown table written here (untracked by default; pass benchmark/results/speed.md to update the committed one)"""
+    keep_freed_memory: bool = True
+    """keep freed memory in glibc's heap, as the scripts do on a CPU (--no-keep-freed-memory measures its gain)"""
 
 
 def filled_buffer(script, args: Args, device):
@@ -108,7 +111,9 @@ def measure(script, args: Args, device, compile: bool):
             weight = priority = torch.ones(1, device=device)
         buffer.add(transition, action, [0.0], transition, [0.0], weight, priority)
         idx, batch = buffer.sample(256, prioritized=baq)
-        metric_sum.add_(torch.cat([agent.update(batch, buffer.weights[idx]), buffer.behavior_statistics(idx)]))
+        batch_terms = torch.stack([buffer.weights[idx].mean(), buffer.priorities[idx].mean(),
+                                   (idx >= args.offline_size).float().mean()])
+        metric_sum.add_(torch.cat([agent.update(batch, buffer.weights[idx]), batch_terms]))
 
     rates = {"online (plain)": [], "online (BAQ)": []}
     for _ in range(args.rounds):
@@ -126,7 +131,8 @@ def main(args: Args):
     rows = []
     for name in args.scripts:
         script = importlib.import_module(name)
-        script.keep_freed_memory()  # as the script's main does on a CPU
+        if args.keep_freed_memory:
+            script.keep_freed_memory()  # as the script's main does on a CPU
         for device in devices:
             for compile in (False, True):
                 results = measure(script, args, device, compile)

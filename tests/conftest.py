@@ -5,6 +5,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+# One torch thread for the tests and every script they start: two threads on two cores beside other
+# work spin-wait in OpenMP, and a tiny run that takes 5 s took 2 minutes.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 import gymnasium as gym
 import numpy as np
 import pytest
@@ -74,7 +78,7 @@ ALL_SCRIPTS = PIPELINE_SCRIPTS + ["offline_pretrain", "bc_pretrain"]
 
 TINY_FLAGS = ["--offline-steps", "60", "--bc-steps", "40", "--online-steps", "70", "--eval-every", "30",
               "--offline-eval-every", "30", "--eval-episodes", "2", "--log-every", "20", "--batch-size", "32",
-              "--hidden-dim", "32", "--no-cuda", "--no-compile"]
+              "--hidden-dim", "32", "--no-cuda", "--no-compile", "--threads", "1"]
 
 
 @pytest.fixture(scope="session")

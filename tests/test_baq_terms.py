@@ -71,10 +71,10 @@ def test_prioritized_sampling_follows_rho_also_after_appends(script):
     assert_frequencies(sampled_frequencies(buffer, True), priorities / priorities.sum())
 
 
-def test_set_behavior_terms_rewrites_the_prefix_sum(script):
+def test_offline_behavior_terms_rewrite_the_prefix_sum(script):
     buffer = make_buffer(script, [1.0, 1.0, 1.0])
-    buffer.set_behavior_terms(torch.tensor([0.5, 0.5, 0.5]), torch.tensor([1.0, 1.0, 6.0]))
-    assert buffer.offline_size == 3
+    script.set_offline_behavior_terms(buffer, torch.tensor([0.5, 0.5, 0.5]), torch.tensor([1.0, 1.0, 6.0]))
+    torch.testing.assert_close(buffer.weights[:3], torch.full((3,), 0.5))
     torch.testing.assert_close(buffer.priority_prefix_sum[:3], torch.tensor([1.0, 2.0, 8.0], dtype=torch.float64))
     assert_frequencies(sampled_frequencies(buffer, True), np.array([0.125, 0.125, 0.75]))
 
@@ -82,14 +82,6 @@ def test_set_behavior_terms_rewrites_the_prefix_sum(script):
 def test_uniform_sampling_ignores_priorities(script):
     buffer = make_buffer(script, [1.0, 100.0, 1.0, 1.0])
     assert_frequencies(sampled_frequencies(buffer, False), np.full(4, 0.25))
-
-
-def test_batch_statistics_count_online_transitions(script):
-    buffer = make_buffer(script, [1.0, 3.0])
-    buffer.set_behavior_terms(torch.tensor([1.0, 0.5]), torch.tensor([1.0, 3.0]))
-    buffer.add(np.array([[2.0]]), np.array([[2.0]]), [0.0], np.array([[2.0]]), [0.0], [0.25], [2.0])
-    w_mean, rho_mean, online_fraction = buffer.behavior_statistics(torch.tensor([0, 1, 2, 2])).tolist()
-    assert (w_mean, rho_mean, online_fraction) == pytest.approx((0.5, 2.0, 0.5))
 
 
 def test_buffer_refuses_overflow(script):

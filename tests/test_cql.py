@@ -50,7 +50,7 @@ def test_tanh_gaussian_log_prob_matches_torch_distributions():
     actions, log_prob = actor(obs)
     mean, log_std = actor.net(obs).chunk(2, -1)
     distribution = torch.distributions.TransformedDistribution(
-        torch.distributions.Normal(mean, (log_std - 1.0).clamp(-20, 2).exp()), [torch.distributions.TanhTransform()])
+        torch.distributions.Normal(mean, (1.0 * log_std - 1.0).clamp(-20, 2).exp()), [torch.distributions.TanhTransform()])
     torch.testing.assert_close(log_prob, distribution.log_prob(actions.clamp(-1 + 1e-6, 1 - 1e-6)).sum(-1), rtol=1e-4, atol=1e-4)
     deterministic, none = actor(obs, deterministic=True)
     assert none is None
@@ -99,3 +99,40 @@ def test_online_penalty_weight_is_a_flag():
     default = baq_cql.CQL(3, 2, 1.0, baq_cql.Args(compile=False, hidden_dim=8))
     default.start_online()
     assert default.cql_alpha.item() == 10.0
+
+
+def test_actor_and_critics_are_initialized_and_trained_as_corl_does():
+    """CORL's CQL: the actor keeps PyTorch's default hidden layers, its output layer is xavier(1e-2) with
+    zero bias, and its log-std multiplier (1) and offset (-1) are trainable; the critics are orthogonal
+    (gain sqrt 2, output gain 1e-2) with zero biases."""
+    torch.manual_seed(0)
+    agent = baq_cql.CQL(11, 3, 1.0, baq_cql.Args(compile=False, hidden_dim=64))
+    actor = agent.actor
+    assert actor.log_std_multiplier.item() == 1.0 and actor.log_std_offset.item() == -1.0
+    actor_parameters = {id(p) for p in agent.optimizer.param_groups[0]["params"]}
+    assert {id(actor.log_std_multiplier), id(actor.log_std_offset)} <= actor_parameters
+    hidden = [m for m in actor.net if isinstance(m, torch.nn.Linear)][:-1]
+    for layer in hidden:  # PyTorch's default: uniform within 1/sqrt(fan_in), nonzero biases
+        bound = 1 / math.sqrt(layer.in_features)
+        assert layer.weight.abs().max() <= bound and layer.bias.abs().max() > 0
+    assert actor.net[-1].bias.abs().max() == 0 and actor.net[-1].weight.abs().max() < 0.01
+    for member in range(2):
+        for layer in agent.qf.hidden:
+            weight = layer.weight[member]  # [in, out]: orthonormal in its shorter dimension, times sqrt 2
+            gram = weight.T @ weight if weight.shape[0] >= weight.shape[1] else weight @ weight.T
+            torch.testing.assert_close(gram, 2.0 * torch.eye(min(weight.shape)), atol=1e-4, rtol=0)
+            assert layer.bias[member].abs().max() == 0
+        torch.testing.assert_close(agent.qf.out.weight[member].norm(), torch.tensor(1e-2))
+
+
+def test_log_std_scalars_shape_the_policy():
+    torch.manual_seed(0)
+    actor = baq_cql.TanhGaussianActor(4, 2, 16, max_action=1.0)
+    obs = torch.randn(5, 4)
+    torch.manual_seed(1)
+    _, before = actor(obs)
+    with torch.no_grad():
+        actor.log_std_offset.fill_(-3.0)  # a narrower Gaussian: a higher density at its samples
+    torch.manual_seed(1)
+    _, after = actor(obs)
+    assert (after > before).all()

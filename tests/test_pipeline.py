@@ -149,3 +149,62 @@ def test_offline_checkpoint_of_the_other_algorithm_is_refused(run_script, tmp_pa
     assert made_cql.returncode == 0, made_cql.stderr
     for key, value in load(iql_dir / "bc.pt")["state_dict"].items():
         assert torch.equal(load(cql_dir / "bc.pt")["state_dict"][key], value), key
+
+
+def test_learning_rate_flags_apply_after_an_offline_checkpoint(full_run, run_script, tmp_path):
+    """The checkpoint's Adam moments are kept, its learning rates are not: the run's flags win."""
+    script, _, first_dir = full_run
+    flags = ["--actor-lr", "2e-5", "--critic-lr", "1e-5"] + (["--value-lr", "3e-5"] if "iql" in script else [])
+    result, run_dir = run_script(script, tmp_path / "runs", "--offline-checkpoint", str(first_dir / "offline.pt"),
+                                 "--bc-checkpoint", str(first_dir / "bc.pt"), *flags)
+    assert result.returncode == 0, result.stderr
+    optimizer = load(run_dir / "final.pt")["state_dict"]["optimizer"]
+    expected = [2e-5, 1e-5, 3e-5] if "iql" in script else [2e-5, 1e-5, 2e-5]
+    assert [group["lr"] for group in optimizer["param_groups"]] == pytest.approx(expected)
+    steps = {float(state["step"]) for state in optimizer["state"].values()}
+    assert steps == {60.0 + ONLINE_STEPS}  # the offline phase's 60 Adam steps went on
+
+
+def test_bc_checkpoint_with_other_normalization_is_refused(full_run, run_script, tmp_path):
+    script, _, first_dir = full_run
+    result, _ = run_script(script, tmp_path / "runs", "--bc-checkpoint", str(first_dir / "bc.pt"),
+                           "--obs-norm-eps", "0.5")
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "another std" in result.stderr and "--obs-norm-eps" in result.stderr
+
+
+def test_runs_started_together_get_their_own_directories(minari_store, tmp_path):
+    """Same script, seed and second: the second run must not write into the first one's directory."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT, TINY_FLAGS
+
+    command = [sys.executable, str(ROOT / "baq_iql.py"), "--env-id", "baq/hopper/tiny-v0", "--runs-dir",
+               str(tmp_path / "runs"), *TINY_FLAGS, "--online-steps", "0", "--exp-name", "same"]
+    environment = {**os.environ, "MINARI_DATASETS_PATH": str(minari_store), "PYTHONWARNINGS": "ignore"}
+    processes = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=environment)
+                 for _ in range(3)]
+    for process in processes:
+        assert process.wait(timeout=600) == 0, process.stderr.read()
+    run_dirs = sorted((tmp_path / "runs").iterdir())
+    assert len(run_dirs) == 3
+    for run_dir in run_dirs:
+        assert len(list(run_dir.glob("events.out.tfevents.*"))) == 1
+        assert (run_dir / "offline.pt").exists() and (run_dir / "final.pt").exists()
+
+
+@pytest.mark.parametrize("script, flag, value", [
+    ("baq_iql.py", "--kq", "nan"), ("baq_iql.py", "--gamma", "1.5"), ("baq_iql.py", "--expectile", "1.5"),
+    ("baq_iql.py", "--tau", "5"), ("baq_iql.py", "--hidden-dim", "0"), ("baq_iql.py", "--batch-size", "-3"),
+    ("baq_cql.py", "--cql-n-actions", "0"), ("baq_cql.py", "--online-cql-alpha", "-1"),
+    ("baq_cql.py", "--actor-lr", "inf"), ("offline_pretrain.py", "--critic-lr", "0"),
+    ("bc_pretrain.py", "--bc-lr", "-0.001"), ("offline_pretrain.py", "--offline-steps", "-5"),
+])
+def test_out_of_domain_flags_exit_before_writing(run_script, tmp_path, script, flag, value):
+    result, run_dir = run_script(script, tmp_path / "runs", flag, value, tiny=False)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    message = result.stderr.strip()
+    assert message.startswith(f"error: {flag} {value}") and "\n" not in message and "must be" in message
+    assert run_dir is None
