@@ -131,8 +131,8 @@ def main(args: Args):
     rows = []
     for name in args.scripts:
         script = importlib.import_module(name)
-        if args.keep_freed_memory:
-            script.keep_freed_memory()  # as the script's main does on a CPU
+        if args.keep_freed_memory and hasattr(script, "keep_freed_memory"):
+            script.keep_freed_memory()  # as the script's main does on a CPU (CQL only)
         for device in devices:
             for compile in (False, True):
                 results = measure(script, args, device, compile)
