@@ -20,6 +20,7 @@ import os
 import random
 import re
 import socket
+import sys
 import time
 from dataclasses import asdict, dataclass
 from typing import Optional
@@ -30,6 +31,7 @@ import torch
 import torch.nn as nn
 import tyro
 from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
 
 ALGORITHM = "iql"
 
@@ -169,7 +171,7 @@ def train_bc(observations, actions, max_action: float, args: Args, writer):
     bc_policy = GaussianPolicy(observations.shape[1], actions.shape[1], args.hidden_dim, max_action).to(device)
     optimizer = torch.optim.Adam(bc_policy.parameters(), lr=args.bc_lr)
     loss_sum, start = torch.zeros((), device=device), time.time()
-    for step in range(1, args.bc_steps + 1):
+    for step in progress(range(1, args.bc_steps + 1), "pi_BC (Eq. 2)", "update"):
         idx = torch.randint(0, len(observations), (args.batch_size,), device=device, generator=generator)
         loss = -bc_policy.log_prob(observations[idx], actions[idx]).mean()  # Eq. 2
         optimizer.zero_grad(set_to_none=True)
@@ -443,7 +445,7 @@ def main(args: Args):
     else:
         metric_sum, start = torch.zeros(len(Agent.METRICS), device=device), time.time()
         unit_weights = torch.ones(args.batch_size, device=device)  # offline, w = 1: plain IQL
-        for step in range(1, args.offline_steps + 1):
+        for step in progress(range(1, args.offline_steps + 1), f"offline {ALGORITHM.upper()}", "update"):
             # cosine decay of the actor lr, ending with the offline phase
             agent.set_actor_lr(args.actor_lr * 0.5 * (1.0 + math.cos(math.pi * (step - 1) / args.offline_steps)))
             metric_sum += agent.update(buffer.sample(args.batch_size)[1], unit_weights)
@@ -494,7 +496,7 @@ def main(args: Args):
     episode_return, episode_length = 0.0, 0
     metric_tags = [f"losses/{name}" for name in Agent.METRICS] + ["baq/w_mean", "baq/rho_mean", "baq/online_fraction"]
     metric_sum, start = torch.zeros(len(metric_tags), device=device), time.time()
-    for step in range(args.online_steps):
+    for step in progress(range(args.online_steps), f"online {args.exp_name}", "step"):
         if step % args.eval_every == 0:
             run_evaluation("", step)
         state = torch.as_tensor(normalize(obs), dtype=torch.float32, device=device)[None]
@@ -537,6 +539,33 @@ def main(args: Args):
 def fail(message: str):
     """Stop with one clear paragraph (input, cause, fix) and a non-zero exit."""
     raise SystemExit(f"error: {message}")
+
+
+# What this run has written so far: read when the user stops it with Ctrl-C.
+RUN_STATE = {"run_dir": None, "writer": None, "checkpoints": {}}
+
+
+def stop_on_interrupt():
+    """Ctrl-C: one line saying what was saved and how to continue, then exit 130 (no traceback)."""
+    if RUN_STATE["writer"] is not None:
+        RUN_STATE["writer"].close()  # keep what was logged
+    saved, script = RUN_STATE["checkpoints"], os.path.basename(sys.argv[0])
+    if "resume" in saved:
+        hint = f"continue it with `python {script} --resume {saved['resume']}`"
+    elif "offline" in saved or "bc" in saved:
+        flags = " ".join(f"--{kind}-checkpoint {path}" for kind, path in saved.items() if kind in ("offline", "bc"))
+        hint = f"rerun the same command with {flags} to skip what finished"
+    else:
+        hint = "nothing was saved yet, so rerun the command to start again"
+    where = f" in {RUN_STATE['run_dir']}" if RUN_STATE["run_dir"] else ""
+    written = ", ".join(sorted(saved.values())) or "no checkpoint"
+    print(f"\ninterrupted: saved {written}{where}; {hint}.", file=sys.stderr)
+    raise SystemExit(130)
+
+
+def progress(steps, description: str, unit: str):
+    """Steps with a progress bar (rate and time left) on stderr, redrawn at most every 10 s."""
+    return tqdm(steps, desc=description, unit=unit, mininterval=10, smoothing=0.1, dynamic_ncols=True)
 
 
 # Every numeric flag of every script, with the values it accepts (NaN and inf are never accepted).
@@ -595,6 +624,7 @@ def start_run(args, description: str, ref_scores):
             attempt += 1
             run_dir = f"{base}_{attempt}"
     writer = SummaryWriter(run_dir)
+    RUN_STATE.update(run_dir=run_dir, writer=writer)
     table = "\n".join(f"|{name}|{value}|" for name, value in vars(args).items())
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + table)
     print(f"run {run_dir}: {description}")
@@ -621,7 +651,17 @@ D4RL_LEVELS_TO_MINARI = {  # official Minari counterparts; medium-replay and ran
     "medium-replay": [],
     "random": [],
 }
-MAKE_DATASET = "python benchmark/make_dataset.py --env {env}"
+
+
+def how_to_build(env: str, level: str) -> str:
+    """The benchmark/make_dataset.py command that builds baq/<env>/<level>-v0, and what it costs."""
+    command = f"python benchmark/make_dataset.py --env {env}"
+    if level == "medium-replay":
+        return f"`{command}` (it needs the SAC training itself: 30-50 minutes on a CPU)"
+    if level in ("expert", "medium-expert"):
+        return (f"`{command} --from-policy` if benchmark/policies/{env}-expert.pt exists (minutes), else "
+                f"`{command} --expert` (SAC trained to the expert level: hours)")
+    return f"`{command} --from-policy` (minutes, from the committed behavior policy)"
 
 
 def resolve_dataset_ids(env_id: str) -> list:
@@ -638,8 +678,8 @@ def resolve_dataset_ids(env_id: str) -> list:
             fail(
                 f"--env-id {env_id!r} has no official Minari counterpart (Minari publishes only "
                 f"medium, expert and their combination for {env}), so it cannot be downloaded. Build the "
-                f"D4RL-protocol dataset locally with `{MAKE_DATASET.format(env=env)}` and pass it by its "
-                f"id: --env-id baq/{env}/{level}-v0."
+                f"D4RL-protocol dataset locally with {how_to_build(env, level)} and pass it by its id: "
+                f"--env-id baq/{env}/{level}-v0."
             )
         return [f"mujoco/{env}/{name}-v0" for name in D4RL_LEVELS_TO_MINARI[level]]
     if not re.fullmatch(r"[\w.-]+(/[\w.-]+)*-v\d+", env_id):
@@ -673,9 +713,10 @@ def load_minari_dataset(dataset_id: str, env_id: str):
     store = os.environ.get("MINARI_DATASETS_PATH", os.path.join(os.path.expanduser("~"), ".minari", "datasets"))
     id_parts = dataset_id.split("/")
     env = id_parts[1] if len(id_parts) == 3 and id_parts[1] in D4RL_REF_SCORES else "{hopper,halfcheetah,walker2d}"
+    level = id_parts[-1].rsplit("-v", 1)[0]
     advice = (
-        f"Build a D4RL-protocol dataset locally with `{MAKE_DATASET.format(env=env)}` and pass it by its id "
-        f"(e.g. --env-id baq/{env}/medium-v0), or copy the dataset into the store."
+        f"Build a D4RL-protocol dataset locally with {how_to_build(env, level)} and pass it by its id "
+        f"(--env-id baq/{env}/{level}-v0), or copy the dataset into the store."
     )
     reason = hub_unreachable_reason()
     if reason is None:
@@ -800,7 +841,7 @@ def log_evaluation(writer, prefix: str, step: int, ref_scores, returns, q_bias: 
     if ref_scores is not None:
         writer.add_scalar(f"{prefix}eval/normalized_score", normalized_score(returns.mean(), ref_scores), step)
         score = f", normalized score {normalized_score(returns.mean(), ref_scores):.1f}"
-    print(f"{prefix or 'online/'}step {step}: return {returns.mean():.1f} +/- {returns.std():.1f}{score}, "
+    tqdm.write(f"{prefix or 'online/'}step {step}: return {returns.mean():.1f} +/- {returns.std():.1f}{score}, "
           f"Q bias {q_bias:.1f}")
 
 
@@ -812,6 +853,7 @@ def save_checkpoint(path: str, kind: str, algorithm: str, state_dict: dict, cont
     tmp = f"{path}.tmp"
     torch.save(payload, tmp)
     os.replace(tmp, path)
+    RUN_STATE["checkpoints"][kind] = path
 
 
 def load_checkpoint(path: str, flag: str, kind: str, algorithms: tuple, context: dict) -> dict:
@@ -844,4 +886,7 @@ def load_checkpoint(path: str, flag: str, kind: str, algorithms: tuple, context:
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    try:
+        main(tyro.cli(Args))
+    except KeyboardInterrupt:
+        stop_on_interrupt()

@@ -11,6 +11,8 @@
 #   python benchmark/make_dataset.py --env hopper --from-policy             # rebuild from committed policies
 import math
 import os
+import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import List, Optional
@@ -166,7 +168,7 @@ def new_episode(first_observation):
     return {"observations": [first_observation], "actions": [], "rewards": [], "terminations": [], "truncations": []}
 
 
-def collect(env_name, policy, num_transitions, num_envs, max_episode_steps, seed, one_episode_each=False):
+def collect(env_name, policy, num_transitions, num_envs, max_episode_steps, seed, one_episode_each=False, name=None):
     """Episodes of a policy (None: uniform actions) from `num_envs` vectorized environments, until
     `num_transitions` steps (the last episode is cut there and marked truncated) or, with
     `one_episode_each`, until every environment has finished its first episode (an unbiased
@@ -178,6 +180,7 @@ def collect(env_name, policy, num_transitions, num_envs, max_episode_steps, seed
     obs, _ = envs.reset(seed=seed)
     open_episodes = [new_episode(o) for o in obs]
     finished = np.zeros(num_envs, bool)
+    bar = tqdm(total=num_transitions, desc=f"collect {name}", unit="step", mininterval=10, disable=name is None)
     episodes, steps = [], 0
     while True:
         if policy is None:
@@ -196,6 +199,7 @@ def collect(env_name, policy, num_transitions, num_envs, max_episode_steps, seed
             episode["terminations"].append(bool(terminated[i]))
             episode["truncations"].append(bool(truncated[i]))
             steps += 1
+            bar.update(1)
             cut = not one_episode_each and steps == num_transitions
             if done:
                 episodes.append({k: np.asarray(v) for k, v in episode.items()})
@@ -208,6 +212,7 @@ def collect(env_name, policy, num_transitions, num_envs, max_episode_steps, seed
                         episodes.append({k: np.asarray(v) for k, v in unfinished.items()})
             if cut or finished.all():
                 envs.close()
+                bar.close()
                 return episodes
         obs = next_obs
 
@@ -245,15 +250,25 @@ def write_dataset(dataset_id, env_name, episodes, args: Args, description):
     spec = make_env(env_name, args.max_episode_steps).spec
     returns = [float(e["rewards"].sum()) for e in episodes]
     ref_min, ref_max = D4RL_REF_SCORES[env_name]
+    try:
+        create_dataset(minari, dataset_id, buffers, spec, args, episodes, returns, description)
+    except OSError as err:
+        raise SystemExit(f"error: writing {dataset_id} into the Minari store {minari_store()} failed ({err}). Free space "
+                         f"or point MINARI_DATASETS_PATH at a writable directory, then rerun the same command: the "
+                         f"training is kept in {args.work_dir}.")
+    score = 100 * (np.mean(returns) - ref_min) / (ref_max - ref_min)
+    print(f"wrote {dataset_id}: {sum(len(e['rewards']) for e in episodes)} transitions, {len(episodes)} episodes, "
+          f"mean return {np.mean(returns):.1f} (normalized {score:.1f})")
+
+
+def create_dataset(minari, dataset_id, buffers, spec, args: Args, episodes, returns, description):
+    ref_min, ref_max = D4RL_REF_SCORES[dataset_id.split("/")[1]]
     minari.create_dataset_from_buffers(
         dataset_id, buffers, env=spec, eval_env=spec, algorithm_name="SAC (D4RL protocol, benchmark/make_dataset.py)",
         author="BAQ reference implementation", author_email="n/a", code_permalink="benchmark/make_dataset.py",
         ref_min_score=ref_min, ref_max_score=ref_max,
         description=f"{description} {sum(len(e['rewards']) for e in episodes)} transitions, {len(episodes)} episodes, "
                     f"mean episode return {np.mean(returns):.1f}. Seed {args.seed}.")
-    score = 100 * (np.mean(returns) - ref_min) / (ref_max - ref_min)
-    print(f"wrote {dataset_id}: {sum(len(e['rewards']) for e in episodes)} transitions, {len(episodes)} episodes, "
-          f"mean return {np.mean(returns):.1f} (normalized {score:.1f})")
 
 
 def save_atomically(obj, path):
@@ -385,22 +400,50 @@ def load_policy(env_name, level, args: Args):
 
 def build_datasets(env_name, args: Args):
     medium, info = load_policy(env_name, "medium", args)
-    episodes = {"medium": collect(env_name, medium, args.num_transitions, args.num_envs, args.max_episode_steps, args.seed + 1)}
+    episodes = {"medium": collect(env_name, medium, args.num_transitions, args.num_envs, args.max_episode_steps, args.seed + 1,
+                                  name=f"baq/{env_name}/medium-v0")}
     about = f"SAC policy after {info['sac_steps']} steps (stochastic return {info['stochastic_return']:.1f}), sampled stochastically;"
     write_dataset(f"baq/{env_name}/medium-v0", env_name, episodes["medium"], args, f"Medium: {about}")
-    random_episodes = collect(env_name, None, args.num_transitions, args.num_envs, args.max_episode_steps, args.seed + 2)
+    random_episodes = collect(env_name, None, args.num_transitions, args.num_envs, args.max_episode_steps, args.seed + 2,
+                              name=f"baq/{env_name}/random-v0")
     write_dataset(f"baq/{env_name}/random-v0", env_name, random_episodes, args, "Random: uniform actions;")
     expert_path = os.path.join(args.policy_dir, f"{env_name}-expert.pt")
     if args.expert or os.path.exists(expert_path):
         expert, expert_info = load_policy(env_name, "expert", args)
-        episodes["expert"] = collect(env_name, expert, args.num_transitions, args.num_envs, args.max_episode_steps, args.seed + 3)
+        episodes["expert"] = collect(env_name, expert, args.num_transitions, args.num_envs, args.max_episode_steps, args.seed + 3,
+                                     name=f"baq/{env_name}/expert-v0")
         about_expert = f"SAC policy after {expert_info['sac_steps']} steps (stochastic return {expert_info['stochastic_return']:.1f}), sampled stochastically;"
         write_dataset(f"baq/{env_name}/expert-v0", env_name, episodes["expert"], args, f"Expert: {about_expert}")
         write_dataset(f"baq/{env_name}/medium-expert-v0", env_name, episodes["medium"] + episodes["expert"], args,
                       f"Medium-expert: medium ({about}) followed by expert ({about_expert})")
 
 
+def minari_store() -> str:
+    return os.environ.get("MINARI_DATASETS_PATH", os.path.join(os.path.expanduser("~"), ".minari", "datasets"))
+
+
+def check_store():
+    """The datasets go into the Minari store: refuse an unusable one before any training, creating nothing."""
+    store = existing = minari_store()
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing.rstrip(os.sep)) or "."
+    problem = None
+    if not os.path.isdir(existing):
+        problem = f"{existing} is a file, not a directory"
+    else:
+        try:
+            with tempfile.TemporaryFile(dir=existing):
+                pass
+        except OSError as err:
+            problem = f"{existing} is not writable ({err.strerror})"
+    if problem:
+        raise SystemExit(f"error: the Minari store {store} (MINARI_DATASETS_PATH) cannot hold the datasets: {problem}. "
+                         f"Point MINARI_DATASETS_PATH at a writable directory, e.g. `export "
+                         f"MINARI_DATASETS_PATH=$HOME/minari-datasets`, and rerun.")
+
+
 def main(args: Args):
+    check_store()
     unknown = [e for e in args.env if e not in ENVS]
     if unknown:
         raise SystemExit(f"error: --env {' '.join(unknown)}: unknown environment; choose from {', '.join(ENVS)}.")
@@ -415,4 +458,10 @@ def main(args: Args):
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    arguments = tyro.cli(Args)
+    try:
+        main(arguments)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: SAC training checkpoints are in {arguments.work_dir} (exact) and {arguments.state_dir} "
+              f"(without the replay buffer); rerun the same command to continue from the last one.", file=sys.stderr)
+        raise SystemExit(130)

@@ -2,7 +2,8 @@
 # Table 1 (methods x datasets), Table 2 (CQL against Our-S), Figure 2 (normalized score during
 # fine-tuning), Figure 3 (the drop when Our-Q or Our-S is removed from BAQ), and eval/q_bias.
 #
-#   python benchmark/report.py --preset cpu          # writes benchmark/results/cpu/
+#   python benchmark/report.py --preset cpu                               # writes benchmark/runs/report/cpu/
+#   python benchmark/report.py --preset cpu --output benchmark/results    # updates the committed results
 import os
 from collections import defaultdict
 from dataclasses import dataclass
@@ -35,22 +36,26 @@ class Args:
     """the preset whose runs to report"""
     root: str = os.path.join(ROOT, "benchmark", "runs")
     """where benchmark/run.py put the runs"""
-    output: str = os.path.join(ROOT, "benchmark", "results")
-    """tables and figures go to {output}/{preset}/"""
+    output: str = os.path.join(ROOT, "benchmark", "runs", "report")
+    """tables and figures go to {output}/{preset}/ (untracked by default; --output benchmark/results updates the
+    committed results)"""
 
 
-def read_curves(root: str) -> Dict:
-    """{(dataset, method): {seed: {tag: (steps, values)}}} for every finished fine-tuning run."""
+def read_curves(root: str, missing: List[str] = None) -> Dict:
+    """{(dataset, method): {seed: {tag: (steps, values)}}} for every finished fine-tuning run; each
+    unfinished one is named in `missing`."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     curves = defaultdict(dict)
+    missing = [] if missing is None else missing
     for dataset in sorted(os.listdir(root)) if os.path.isdir(root) else []:
         for method in [m for m in METHOD_ORDER if os.path.isdir(os.path.join(root, dataset, m))]:
             for seed_dir in sorted(os.listdir(os.path.join(root, dataset, method))):
                 runs = sorted(d for d in os.listdir(os.path.join(root, dataset, method, seed_dir))
                               if os.path.isdir(os.path.join(root, dataset, method, seed_dir, d)))
                 if not runs or not os.path.exists(os.path.join(root, dataset, method, seed_dir, runs[-1], "final.pt")):
-                    continue  # unfinished
+                    missing.append(f"{short_name(dataset)} {METHOD_LABELS[method]} {seed_dir}")
+                    continue
                 accumulator = EventAccumulator(os.path.join(root, dataset, method, seed_dir, runs[-1]), size_guidance={"scalars": 0})
                 accumulator.Reload()
                 tags = accumulator.Tags()["scalars"]
@@ -73,7 +78,12 @@ def statistic(curves, tag: str, kind: str) -> Dict:
 
 
 def cell(values) -> str:
-    return f"{values.mean():.1f} ± {values.std():.1f}" if len(values) else ""
+    """Mean ± std over seeds and the number of runs; one run has no spread to show."""
+    if len(values) == 0:
+        return ""
+    if len(values) == 1:
+        return f"{values[0]:.1f} (1 run)"
+    return f"{values.mean():.1f} ± {values.std():.1f} ({len(values)})"
 
 
 def table(values: Dict, datasets: List[str], methods: List[str], with_total: bool = True) -> List[str]:
@@ -94,7 +104,7 @@ def short_name(dataset: str) -> str:
     return "-".join(parts[1:-1]) if parts[0] in ("baq", "mujoco") else dataset
 
 
-def plot_curves(curves, tag: str, datasets, methods, path: str):
+def plot_curves(curves, tag: str, datasets, methods, path: str, title: str):
     """Figure 2: the evaluation score against the online step, mean and a +/- std band over seeds."""
     import matplotlib
 
@@ -110,19 +120,21 @@ def plot_curves(curves, tag: str, datasets, methods, path: str):
             steps = next(iter(runs.values()))[tag][0]
             values = np.stack([run[tag][1] for run in runs.values()])
             mean, std = values.mean(0), values.std(0)
-            ax.plot(steps, mean, label=METHOD_LABELS[method])
+            ax.plot(steps, mean, label=f"{METHOD_LABELS[method]} ({len(runs)})")
             ax.fill_between(steps, mean - std, mean + std, alpha=0.2)
         ax.set_title(short_name(dataset), fontsize=9)
         ax.set_xlabel("online step", fontsize=8)
         ax.set_ylabel(tag.split("/")[-1].replace("_", " "), fontsize=8)
         ax.tick_params(labelsize=7)
     axes[0][0].legend(fontsize=7)
+    figure.suptitle(title, fontsize=9)
     figure.tight_layout()
     save(figure, path)
 
 
-def plot_ablation(drops: Dict, path: str):
-    """Figure 3: BAQ minus the variant without one component, per dataset and algorithm."""
+def plot_ablation(drops: Dict, path: str, title: str):
+    """Figure 3: BAQ minus the variant without one component, per dataset and algorithm, with the spread
+    over seeds (the std of the per-seed differences, seeds paired by number)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -132,11 +144,13 @@ def plot_ablation(drops: Dict, path: str):
     x = np.arange(len(labels))
     figure, ax = plt.subplots(figsize=(max(4.0, 1.3 * len(labels)), 3.2))
     for offset, (component, color) in zip((-0.2, 0.2), (("without Our-Q", "tab:blue"), ("without Our-S", "tab:orange"))):
-        ax.bar(x + offset, [drops[label][component] for label in labels], width=0.4, label=component, color=color)
+        ax.bar(x + offset, [drops[label][component].mean() for label in labels], width=0.4, label=component, color=color,
+               yerr=[drops[label][component].std() for label in labels], capsize=3)
     ax.axhline(0, color="black", linewidth=0.8)
     ax.set_xticks(x, labels, fontsize=7, rotation=20)
     ax.set_ylabel("score of BAQ minus the ablation", fontsize=8)
     ax.legend(fontsize=7)
+    ax.set_title(title, fontsize=9)
     figure.tight_layout()
     save(figure, path)
 
@@ -150,7 +164,8 @@ def save(figure, path: str):
 
 
 def main(args: Args):
-    curves = read_curves(os.path.join(args.root, args.preset))
+    missing = []
+    curves = read_curves(os.path.join(args.root, args.preset), missing)
     if not curves:
         raise SystemExit(f"error: no finished runs under {os.path.join(args.root, args.preset)}. Run "
                          f"`python benchmark/run.py --preset {args.preset}` first (or pass --root).")
@@ -163,7 +178,11 @@ def main(args: Args):
     budget = max(int(run[tag][0][-1]) for runs in curves.values() for run in runs.values())
     lines = [f"# Results: preset `{args.preset}`", "",
              f"{len(datasets)} datasets, {len(methods)} methods, {'/'.join(map(str, seeds))} seeds per cell, "
-             f"{budget:,} online steps. Cells: mean ± std over seeds of `{tag}`.", ""]
+             f"{budget:,} online steps. Cells: mean ± std over seeds of `{tag}`, with the number of runs.", ""]
+    if missing:
+        lines += [f"Not finished, so not in the tables: {', '.join(missing)}.", ""]
+    title = (f"preset {args.preset}, {'/'.join(map(str, seeds))} seed{'s' if seeds != [1] else ''} per method, "
+             f"{budget:,} online steps")
     for kind, title in (("final", "at the end of the online budget"), ("mean", "averaged over the evaluations of the online phase (online step 0 included)")):
         values = statistic(curves, tag, kind)
         lines += [f"## Table 1: score {title}", "", *table(values, datasets, methods), ""]
@@ -174,22 +193,24 @@ def main(args: Args):
     for algo in ("iql", "cql"):
         for dataset in datasets:
             if all((dataset, f"{algo}-{m}") in final for m in ("baq", "our-q", "our-s")):
-                baq = final[(dataset, f"{algo}-baq")].mean()
+                baq, our_q, our_s = (final[(dataset, f"{algo}-{m}")] for m in ("baq", "our-q", "our-s"))
+                seeds_paired = min(len(baq), len(our_q), len(our_s))
                 drops[f"{algo.upper()} {short_name(dataset)}"] = {
-                    "without Our-Q": baq - final[(dataset, f"{algo}-our-s")].mean(),
-                    "without Our-S": baq - final[(dataset, f"{algo}-our-q")].mean()}
+                    "without Our-Q": baq[:seeds_paired] - our_s[:seeds_paired],
+                    "without Our-S": baq[:seeds_paired] - our_q[:seeds_paired]}
     if drops:
         lines += ["## Figure 3: the drop when a component is removed (final score of BAQ minus the ablation)", "",
                   "| | without Our-Q (= BAQ - Our-S) | without Our-S (= BAQ - Our-Q) |", "|---|---|---|"]
-        lines += [f"| {label} | {d['without Our-Q']:+.1f} | {d['without Our-S']:+.1f} |" for label, d in drops.items()]
+        lines += [f"| {label} | {d['without Our-Q'].mean():+.1f} ± {d['without Our-Q'].std():.1f} | "
+                  f"{d['without Our-S'].mean():+.1f} ± {d['without Our-S'].std():.1f} |" for label, d in drops.items()]
         lines += ["", "![Figure 3](figure3.png)", ""]
-        plot_ablation(drops, os.path.join(output, "figure3.png"))
+        plot_ablation(drops, os.path.join(output, "figure3.png"), f"Figure 3, {title}")
     if all("eval/q_bias" in run for runs in curves.values() for run in runs.values()):
         lines += ["## Q-value estimation error: `eval/q_bias` averaged over the online evaluations", "",
                   "Q(s_t, a_t) minus the discounted return collected from t on, over the evaluation episodes' visited pairs, "
                   "in reward units (closer to 0 is better).", "",
                   *table(statistic(curves, "eval/q_bias", "mean"), datasets, methods, with_total=False), ""]
-    plot_curves(curves, tag, datasets, methods, os.path.join(output, "figure2.png"))
+    plot_curves(curves, tag, datasets, methods, os.path.join(output, "figure2.png"), f"Figure 2, {title}")
     lines += ["## Figure 2: score during fine-tuning (mean and ± std over seeds)", "", "![Figure 2](figure2.png)", ""]
     paper_rows = [d for d in datasets if short_name(d) in PAPER_TABLE1]
     if paper_rows:

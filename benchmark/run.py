@@ -50,9 +50,9 @@ class Args:
     methods: List[str] = field(default_factory=lambda: ["iql", "iql-baq", "iql-our-q", "iql-our-s"])
     """methods: {iql,cql} (plain fine-tuning), {iql,cql}-baq, {iql,cql}-our-q (weights only), {iql,cql}-our-s (priorities only)"""
     seeds: Optional[int] = None
-    """seeds 1..N (default: the preset's)"""
+    """seeds 1..N, N >= 1 (default: the preset's)"""
     workers: int = os.cpu_count() or 1
-    """runs at a time, one torch thread each"""
+    """runs at a time (>= 1), one torch thread each"""
     root: str = os.path.join(ROOT, "benchmark", "runs")
     """where the runs go: {root}/{preset}/{dataset}/{method}/seed{k}"""
 
@@ -65,6 +65,7 @@ class Job:
     command: List[str]
     needs: List["Job"] = field(default_factory=list)
     process: Optional[subprocess.Popen] = None
+    started: float = 0.0
 
     def run_directory(self) -> Optional[str]:
         runs = sorted(d for d in os.listdir(self.directory) if os.path.isdir(os.path.join(self.directory, d))) \
@@ -128,31 +129,43 @@ def start(job: Job):
     log = open(os.path.join(job.directory, "log.txt"), "a")
     environment = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     job.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=environment, cwd=ROOT)
+    job.started = time.time()
     print(f"start  {job.name}", flush=True)
 
 
-def main(args: Args):
-    jobs = plan(args)
-    preset = PRESETS[args.preset]
-    if args.preset == "cpu":
-        print(f"preset cpu: {preset['offline_steps']:,} offline updates instead of the paper's 1,000,000 (reduced to fit a "
-              f"2-core CPU), {preset['bc_steps']:,} BC updates, {preset['online_steps']:,} online steps")
-    pending = [job for job in jobs if not job.finished()]
-    print(f"{len(jobs)} runs, {len(jobs) - len(pending)} already finished, {args.workers} at a time", flush=True)
-    running, failed, start_time = [], [], time.time()
+def log_tail(job: Job, lines: int = 5) -> str:
+    """The last lines of a run's log, indented, for the report of a failed run."""
+    with open(os.path.join(job.directory, "log.txt"), errors="replace") as log:
+        tail = [line.rstrip() for line in log.read().replace("\r", "\n").splitlines() if line.strip()][-lines:]
+    return "\n".join(f"         | {line}" for line in tail)
+
+
+def check_args(args: Args):
+    if args.workers < 1:
+        raise SystemExit(f"error: --workers {args.workers}: at least one run must run at a time; give 1 or more "
+                         f"(this machine has {os.cpu_count()} cores).")
+    if args.seeds is not None and args.seeds < 1:
+        raise SystemExit(f"error: --seeds {args.seeds}: the grid runs seeds 1..N, so N must be 1 or more (omit "
+                         f"--seeds for the preset's {PRESETS[args.preset]['seeds']}).")
+
+
+def schedule(args: Args, pending, running, failed, skipped, start_time):
+    """Start runs whose pretraining has finished, up to --workers at a time, until none is left."""
     while pending or running:
         for job in list(running):
             if job.process.poll() is not None:
                 running.remove(job)
                 if job.process.returncode == 0 and job.finished():
-                    print(f"done   {job.name} ({(time.time() - start_time) / 60:.1f} min)", flush=True)
+                    print(f"done   {job.name} ({(time.time() - job.started) / 60:.1f} min; grid at "
+                          f"{(time.time() - start_time) / 60:.1f} min)", flush=True)
                 else:
                     failed.append(job)
-                    print(f"FAILED {job.name}: see {os.path.join(job.directory, 'log.txt')}", flush=True)
+                    print(f"FAILED {job.name} (exit {job.process.returncode}): {os.path.join(job.directory, 'log.txt')} "
+                          f"ends with\n{log_tail(job)}", flush=True)
         blocked = [job for job in pending if any(need in failed for need in job.needs)]
         for job in blocked:
             pending.remove(job)
-            failed.append(job)
+            skipped.append(job)
             print(f"SKIP   {job.name}: a pretraining run it needs failed", flush=True)
         for job in [job for job in pending if all(need.finished() for need in job.needs)]:
             if len(running) >= args.workers:
@@ -161,10 +174,36 @@ def main(args: Args):
             start(job)
             running.append(job)
         time.sleep(0.5)
-    print(f"{len(jobs) - len(failed)} of {len(jobs)} runs finished in {(time.time() - start_time) / 60:.1f} min")
+
+
+def main(args: Args):
+    check_args(args)
+    jobs = plan(args)
+    preset = PRESETS[args.preset]
+    if args.preset == "cpu":
+        print(f"preset cpu: {preset['offline_steps']:,} offline updates instead of the paper's 1,000,000 (reduced to fit a "
+              f"2-core CPU), {preset['bc_steps']:,} BC updates, {preset['online_steps']:,} online steps")
+    pending = [job for job in jobs if not job.finished()]
+    print(f"{len(jobs)} runs, {len(jobs) - len(pending)} already finished, {args.workers} at a time", flush=True)
+    running, failed, skipped, start_time = [], [], [], time.time()
+    try:
+        schedule(args, pending, running, failed, skipped, start_time)
+    except KeyboardInterrupt:
+        for job in running:
+            job.process.terminate()
+            job.process.wait()
+        done = sum(job.finished() for job in jobs)
+        print(f"\ninterrupted: {done} of {len(jobs)} runs finished and are kept; rerun the same command to continue "
+              f"(an interrupted offline pretraining resumes from its resume.pt, other unfinished runs start over).",
+              file=sys.stderr)
+        raise SystemExit(130)
+    finished = len(jobs) - len(failed) - len(skipped)
+    print(f"{finished} of {len(jobs)} runs finished, {len(failed)} failed, {len(skipped)} skipped; the grid took "
+          f"{(time.time() - start_time) / 60:.1f} min")
     if failed:
-        raise SystemExit(f"error: {len(failed)} runs failed: {', '.join(job.name for job in failed)}. Their logs are "
-                         f"log.txt in each run's directory; rerun this command to retry them (finished runs are kept).")
+        raise SystemExit(f"error: {len(failed)} runs failed ({', '.join(job.name for job in failed)}) and {len(skipped)} "
+                         f"that need them were skipped. Their logs are log.txt in each run's directory; rerun this "
+                         f"command to retry them (finished runs are kept).")
 
 
 if __name__ == "__main__":

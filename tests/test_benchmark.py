@@ -66,7 +66,7 @@ def test_report_writes_tables_and_figures(grid, minari_store, tmp_path):
     assert tables.count(header) == 3  # Table 1 twice (final, mean over evaluations) and the q_bias table
     assert "at the end of the online budget" in tables and "averaged over the evaluations" in tables
     rows = [line for line in tables.splitlines() if line.startswith("| hopper-tiny |")]
-    assert len(rows) == 3 and all(len(row.split("|")) == 7 for row in rows) and all("±" in row for row in rows)
+    assert len(rows) == 3 and all(len(row.split("|")) == 7 for row in rows) and all("(1 run)" in row for row in rows)
     assert "| IQL hopper-tiny |" in tables  # Figure 3's table
     for figure in ("figure2.png", "figure3.png"):
         assert (tmp_path / "smoke" / figure).stat().st_size > 10_000
@@ -83,6 +83,42 @@ def test_total_is_left_out_for_a_method_missing_a_dataset():
     values = {("baq-hopper-medium-v0", "iql"): np.array([60.0, 70.0]), ("baq-walker2d-medium-v0", "iql"): np.array([80.0]),
               ("baq-hopper-medium-v0", "iql-baq"): np.array([75.0, 77.0])}
     lines = report.table(values, ["baq-hopper-medium-v0", "baq-walker2d-medium-v0"], ["iql", "iql-baq"])
-    assert lines[2] == "| hopper-medium | 65.0 ± 5.0 | 76.0 ± 1.0 |"
-    assert lines[3] == "| walker2d-medium | 80.0 ± 0.0 |  |"
+    assert lines[2] == "| hopper-medium | 65.0 ± 5.0 (2) | 76.0 ± 1.0 (2) |"
+    assert lines[3] == "| walker2d-medium | 80.0 (1 run) |  |"
     assert lines[-1] == "| Total | 145.0 | (1 of 2 datasets) |"
+
+
+def test_report_names_unfinished_runs(grid, minari_store, tmp_path):
+    root, _ = grid
+    unfinished = root / "smoke" / "baq-hopper-tiny-v0" / "iql-our-q" / "seed2" / "some-run"
+    unfinished.mkdir(parents=True)  # a run that started and has no final.pt
+    result = benchmark("report.py", minari_store, "--preset", "smoke", "--root", str(root), "--output", str(tmp_path))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Not finished, so not in the tables: hopper-tiny IQL+Our-Q seed2." in result.stdout
+    (unfinished.parent / "some-run").rmdir()
+    unfinished.parent.rmdir()
+
+
+@pytest.mark.parametrize("flags, words", [(["--workers", "0"], "--workers 0"), (["--seeds", "0"], "--seeds 0"),
+                                          (["--seeds", "-1"], "--seeds -1")])
+def test_run_refuses_an_empty_or_endless_grid(minari_store, tmp_path, flags, words):
+    result = benchmark("run.py", minari_store, "--preset", "smoke", "--datasets", "baq/hopper/tiny-v0",
+                       "--root", str(tmp_path), *flags)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert result.stderr.strip().startswith(f"error: {words}") and not (tmp_path / "smoke").exists()
+
+
+def test_tools_leave_the_committed_results_alone():
+    """speed.py and report.py write to the untracked benchmark/runs unless told to update the results."""
+    speed, report = importlib.import_module("benchmark.speed"), importlib.import_module("benchmark.report")
+    for output in (speed.Args().output, report.Args().output):
+        assert os.path.relpath(output, ROOT).startswith(os.path.join("benchmark", "runs"))
+
+
+def test_a_failed_run_is_reported_with_its_log_and_its_dependents_skipped(minari_store, tmp_path):
+    result = benchmark("run.py", minari_store, "--preset", "smoke", "--datasets", "baq/hopper/missing-v0", "--methods",
+                       "iql", "iql-baq", "--seeds", "1", "--workers", "2", "--root", str(tmp_path))
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "FAILED baq/hopper/missing-v0 offline-iql seed1 (exit 1)" in result.stdout
+    assert "| error: --env-id 'baq/hopper/missing-v0'" in result.stdout  # the log's last line, shown
+    assert "0 of 4 runs finished, 2 failed, 2 skipped" in result.stdout

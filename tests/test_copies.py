@@ -1,7 +1,6 @@
 """The single-file scripts share code by copying it: every top-level definition that appears in more
 than one script must be the same text in all of them, so that a fix made in one is not lost in another."""
 import ast
-from pathlib import Path
 
 import pytest
 

@@ -176,3 +176,18 @@ def test_one_sac_step_equals_three_sequential_steps():
             target_parameter.lerp_(online, args.tau)
     for (name, mine), theirs in zip(agent.state_dict().items(), reference.state_dict().values()):
         torch.testing.assert_close(mine, theirs, msg=name)
+
+
+def test_an_unusable_store_is_refused_before_anything_runs(tmp_path):
+    (tmp_path / "a-file").write_text("not a directory")
+    result = make_dataset(tmp_path, tmp_path / "a-file" / "store", "--from-policy")
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    message = result.stderr.strip()
+    assert message.startswith("error: the Minari store") and "is a file, not a directory" in message
+    assert "MINARI_DATASETS_PATH" in message and "\n" not in message
+
+
+def test_a_failed_run_creates_no_store(tmp_path):
+    result = make_dataset(tmp_path, tmp_path / "new" / "store", "--from-policy")  # no policy: fails
+    assert result.returncode != 0 and "hopper-medium.pt" in result.stderr
+    assert not (tmp_path / "new").exists()

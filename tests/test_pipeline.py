@@ -106,6 +106,8 @@ def test_switches_off_give_unit_weights_and_uniform_sampling(full_run, run_scrip
                                "python benchmark/make_dataset.py --env hopper"]),
     ("hopper-medium-v2", ["'mujoco/hopper/medium-v0'", "cannot be downloaded", "--env-id baq/hopper/medium-v0"]),
     ("hopper-medium-replay-v2", ["no official Minari counterpart", "baq/hopper/medium-replay-v0"]),
+    ("hopper-random-v2", ["no official Minari counterpart", "--env hopper --from-policy", "baq/hopper/random-v0"]),
+    ("baq/hopper/expert-v0", ["not in the local Minari store", "--env hopper --expert", "hopper-expert.pt"]),
     ("hoper-medium-v2x", ["is neither a D4RL name", "Check the spelling"]),
 ])
 def test_unusable_datasets_exit_with_one_clear_paragraph(run_script, tmp_path, script, env_id, words):

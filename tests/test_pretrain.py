@@ -59,9 +59,12 @@ def test_resume_continues_exactly(pretrained, run_script, tmp_path):
                                   "--stop-after", "25", tiny=False)
     assert first.returncode == 0, first.stderr
     assert "stopped after 25 updates" in first.stdout and not (split_dir / "offline.pt").exists()
-    resumed, same_dir = run_script("offline_pretrain.py", tmp_path / "runs", "--resume", str(split_dir / "resume.pt"), tiny=False)
+    resumed, same_dir = run_script("offline_pretrain.py", tmp_path / "runs", "--resume", str(split_dir / "resume.pt"),
+                                   "--offline-steps", "999", tiny=False)
     assert resumed.returncode == 0, resumed.stderr
     assert same_dir == split_dir and "resuming" in resumed.stdout
+    ignored = next(line for line in resumed.stdout.splitlines() if "--resume continues the run" in line)
+    assert "--offline-steps" in ignored.split("ignored:")[1]  # the run keeps its own 60
     assert_same_weights(load(split_dir / "offline.pt")["state_dict"]["agent"], load(run_dir / "offline.pt")["state_dict"]["agent"])
     whole, split = read_scalars(run_dir), read_scalars(split_dir)
     for tag in ("offline/losses/q_loss", "offline/eval/return"):
