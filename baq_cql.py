@@ -53,7 +53,8 @@ class Args:
     """use CUDA when it is available (otherwise the CPU, with a one-line note)"""
     compile: bool = False
     """torch.compile the losses. Off by default for CQL: on our 2-core CPU compiled updates ran 7.6 against
-    8.3 updates/s eager, and compiling costs 20-60 s. Not measured on a GPU."""
+    8.3 updates/s eager in one measurement and 9.9 against 9.5 in another (within the drift), and compiling
+    costs 20-60 s. Not measured on a GPU."""
     threads: int = 0
     """torch threads (0: torch's default, one per core); give 1 when other jobs share the cores: on 2 cores,
     BC ran 83 updates/s with 2 threads beside other work and 300 with 1"""
