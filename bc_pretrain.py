@@ -38,8 +38,8 @@ class Args:
     cuda: bool = True
     """use CUDA when it is available (otherwise the CPU, with a one-line note)"""
     threads: int = 0
-    """torch threads (0: torch's default, one per core); give 1 when other jobs share the cores: on 2 cores,
-    BC ran 83 updates/s with 2 threads beside other work and 300 with 1"""
+    """torch threads (0: torch's default, one per core); give 1 when other jobs share the cores: on our 2 cores
+    beside a background job, a tiny CQL run took 2 minutes with 2 threads and 5.6 s with 1"""
     runs_dir: str = "runs"
     """directory under which the run directory (TensorBoard events and checkpoints) is created"""
     bc_steps: int = 100_000

@@ -43,8 +43,8 @@ class Args:
     """torch.compile the losses. On our 2-core CPU compiled IQL ran 192 against 162 updates/s eager, compiled
     CQL 7.6 against 8.3: with --algo cql on a CPU pass --no-compile (baq_cql.py's default). Not measured on a GPU."""
     threads: int = 0
-    """torch threads (0: torch's default, one per core); give 1 when other jobs share the cores: on 2 cores,
-    BC ran 83 updates/s with 2 threads beside other work and 300 with 1"""
+    """torch threads (0: torch's default, one per core); give 1 when other jobs share the cores: on our 2 cores
+    beside a background job, a tiny CQL run took 2 minutes with 2 threads and 5.6 s with 1"""
     runs_dir: str = "runs"
     """directory under which the run directory (TensorBoard events and checkpoints) is created"""
     offline_steps: int = 1_000_000
