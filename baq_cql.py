@@ -133,11 +133,23 @@ class Args:
     priority_alpha: float = 1.0
     """alpha of Eq. 10 (0: uniform sampling; negative: transitions near pi_BC are sampled more)"""
 
+    # the adaptive behavior constraint of the later paper (off: the paper's Table 1 method)
+    behavior_constraint: bool = False
+    """add lambda_t E_s[u(s) mean((pi(s) - pi_BC(s))^2)] to the actor loss online: u(s) = 1 - exp(-delta / delta_0),
+    delta = |Q1 - Q2|(s, pi(s)), delta_0 its mean over offline states when fine-tuning starts"""
+    constraint_coef: float = 1.0
+    """lambda_0, the constraint's weight when fine-tuning starts"""
+    constraint_half_life: int = 5_000
+    """n_half of lambda_t = lambda_0 / (1 + n_conf / n_half), n_conf the online transitions collected where
+    delta(s, pi(s)) < delta_0: lambda_t halves once n_half confident transitions have come, and stays while
+    online experience stays uncertain"""
+
     def __post_init__(self):
         check_flags(self)
         if self.exp_name is None:
             variant = {(True, True): "", (True, False): "-our-q", (False, True): "-our-s", (False, False): "-plain"}
             self.exp_name = f"baq_{ALGORITHM}" + variant[self.weighted_loss, self.priority_sampling]
+            self.exp_name += "-adaptive" if self.behavior_constraint else ""
 
 
 # =============================================================================================
@@ -164,6 +176,12 @@ def set_offline_behavior_terms(buffer, weights, priorities):
     buffer.weights[: buffer.size] = weights
     buffer.priorities[: buffer.size] = priorities
     buffer.priority_prefix_sum[: buffer.size] = torch.cumsum(buffer.priorities[: buffer.size].double(), 0)
+
+
+def constraint_coefficient(coef: float, confident, half_life: int):
+    """lambda_t = lambda_0 / (1 + n_conf / n_half): never increases, since n_conf (the online transitions
+    collected where the critics agreed better than on the offline data) only grows."""
+    return coef / (1.0 + confident / half_life)
 
 
 def train_bc(observations, actions, max_action: float, args: Args, writer):
@@ -318,9 +336,10 @@ class ActorCritic(nn.Module):
     update of the target critics, pretrained weights loaded under this run's learning rates, and the
     Q-value used by evaluation. Subclasses set actor, qf, qf_target, optimizer, compute_losses, args."""
 
-    def update(self, batch, weights):
-        """One gradient step on a batch (s, a, r, s', terminal) with per-transition weights w."""
-        total_loss, metrics = self.compute_losses(*batch, weights)
+    def update(self, batch, weights, constraint=None):
+        """One gradient step on a batch (s, a, r, s', terminal) with per-transition weights w; `constraint`
+        (pi_BC's actions on the batch, lambda_t, delta_0) adds the adaptive behavior constraint."""
+        total_loss, metrics = self.compute_losses(*batch, weights, constraint)
         self.optimizer.zero_grad(set_to_none=True)
         total_loss.backward()
         self.optimizer.step()
@@ -340,6 +359,20 @@ class ActorCritic(nn.Module):
     @torch.no_grad()
     def q_value(self, obs, actions):
         return self.qf(obs, actions).min(0).values
+
+    @torch.no_grad()
+    def q_disagreement(self, obs, actions):
+        """delta = |Q1 - Q2|(s, a): how much the twin critics disagree, the constraint's uncertainty signal."""
+        qs = self.qf(obs, actions)
+        return (qs[0] - qs[1]).abs()
+
+    def behavior_constraint(self, obs, policy_actions, bc_actions, coef, scale):
+        """The adaptive behavior constraint (this project's reading of the later paper's dual objective):
+        lambda_t E_s[u(s) mean((pi(s) - pi_BC(s))^2)], with the gate u(s) = 1 - exp(-delta(s, pi(s)) / delta_0)
+        in [0, 1) growing with the critics' disagreement. The gate is computed without gradient, so the term
+        reaches only the actor. Returns the term and the batch's mean gate."""
+        gate = 1.0 - torch.exp(-self.q_disagreement(obs, policy_actions.detach()) / scale)
+        return coef * (gate * (policy_actions - bc_actions).pow(2).mean(-1)).mean(), gate.mean()
 
 
 class CQL(ActorCritic):
@@ -371,14 +404,15 @@ class CQL(ActorCritic):
         """The conservative penalty stays during fine-tuning, with its online weight."""
         self.cql_alpha.fill_(self.args.cql_alpha if self.args.online_cql_alpha is None else self.args.online_cql_alpha)
 
-    def losses(self, obs, actions, rewards, next_obs, terminals, weights):
-        """CQL's temperature, actor and critic losses, summed. One backward pass and one Adam step on the
-        sum equal the peer's (CORL's) three sequential updates, because every loss is built from the
-        parameters as they were before this step and reaches only its own parameter group: the actor
-        sees the critics through detached weights, the TD target and the penalty's sampled actions are
-        computed without gradient, and alpha enters the actor loss detached. An edit that lets a loss
-        reach another network's parameters (e.g. Q(s, pi(s)) through the live critics) silently changes
-        the algorithm: detach it, or step it separately.
+    def losses(self, obs, actions, rewards, next_obs, terminals, weights, constraint=None):
+        """CQL's temperature, actor and critic losses, summed, with the behavior constraint's actor term
+        when given. One backward pass and one Adam step on the sum equal the peer's (CORL's) three
+        sequential updates, because every loss is built from the parameters as they were before this step
+        and reaches only its own parameter group: the actor sees the critics through detached weights,
+        the TD target and the penalty's sampled actions are computed without gradient, alpha enters the
+        actor loss detached, and the constraint's gate is computed without gradient. An edit that lets a
+        loss reach another network's parameters (e.g. Q(s, pi(s)) through the live critics) silently
+        changes the algorithm: detach it, or step it separately.
 
         Layout, batch B and n = --cql-n-actions (every sampled action in one actor pass, every Q in one
         critic pass, all at s as in CORL):
@@ -409,7 +443,12 @@ class CQL(ActorCritic):
         q_loss = cql_bellman_loss(q_data, td_target, weights)  # Eq. 7
         penalty = cql_penalty(q_sampled, log_density, q_data, args.cql_temperature)
         total_loss = q_loss + self.cql_alpha * penalty + actor_loss + alpha_loss
-        return total_loss, torch.stack([q_loss, penalty, actor_loss, q_data.mean(), alpha]).detach()
+        metrics = [q_loss, penalty, actor_loss, q_data.mean(), alpha]
+        if constraint is not None:  # at the actor's deterministic action
+            policy_actions = self.actor(obs, deterministic=True)[0]
+            constraint_loss, gate_mean = self.behavior_constraint(obs, policy_actions, *constraint)
+            total_loss, metrics = total_loss + constraint_loss, metrics + [constraint_loss, gate_mean]
+        return total_loss, torch.stack(metrics).detach()
 
     @torch.no_grad()
     def act(self, obs, deterministic: bool):
@@ -554,6 +593,15 @@ def main(args: Args):
     print(f"BAQ: {summary}")
     writer.add_text("baq", summary)
 
+    # --- the adaptive behavior constraint: delta_0 over offline states, pi at the end of the offline phase ---
+    if args.behavior_constraint:
+        generator = torch.Generator(device).manual_seed(args.seed + 3)
+        states = buffer.observations[torch.randperm(n_offline, device=device, generator=generator)[:65536]]
+        offline_disagreement = agent.q_disagreement(states, agent.act(states, deterministic=True)).mean()
+        scale, confident = offline_disagreement.clamp(min=1e-6), torch.zeros((), device=device)
+        print(f"behavior constraint: lambda_0 {args.constraint_coef}, n_half {args.constraint_half_life}, "
+              f"delta_0 {offline_disagreement.item():.4g} (|Q1 - Q2| at pi(s), mean over {len(states)} offline states)")
+
     # --- online fine-tuning -------------------------------------------------------------------
     torch.manual_seed(args.seed + 2)  # the same online phase whether the earlier phases ran or were loaded
     buffer.generator.manual_seed(args.seed + 2)
@@ -561,7 +609,10 @@ def main(args: Args):
     env.action_space.seed(args.seed)
     obs, _ = env.reset(seed=args.seed)
     episode_return, episode_length = 0.0, 0
-    metric_tags = [f"losses/{name}" for name in Agent.METRICS] + ["baq/w_mean", "baq/rho_mean", "baq/online_fraction"]
+    constraint_tags = ["baq/constraint_loss", "baq/uncertainty_mean"] if args.behavior_constraint else []
+    metric_tags = [f"losses/{name}" for name in Agent.METRICS] + constraint_tags + ["baq/w_mean", "baq/rho_mean",
+                                                                                   "baq/online_fraction"]
+    metric_tags += ["baq/constraint_coef", "baq/confident_transitions"] if args.behavior_constraint else []
     metric_sum, start = torch.zeros(len(metric_tags), device=device), time.time()
     for step in progress(range(args.online_steps), f"online {args.exp_name}", "step"):
         if step % args.eval_every == 0:
@@ -580,11 +631,20 @@ def main(args: Args):
             obs, _ = env.reset()
             episode_return, episode_length = 0.0, 0
 
+        constraint, constraint_terms = None, []
+        if args.behavior_constraint:  # n_conf counts this transition when the critics agree at pi(s)
+            disagreement = agent.q_disagreement(state, agent.act(state, deterministic=True))
+            confident += (disagreement < offline_disagreement).sum()
+            coef = constraint_coefficient(args.constraint_coef, confident, args.constraint_half_life)
+            constraint_terms = [coef, confident]
         idx, batch = buffer.sample(args.batch_size, prioritized=args.priority_sampling)  # Eq. 10: P_i ~ rho_i
-        metrics = agent.update(batch, buffer.weights[idx])  # Eq. 7: the Bellman term weighted by w
+        if args.behavior_constraint:
+            constraint = (bc_policy(batch[0]), coef, scale)
+        metrics = agent.update(batch, buffer.weights[idx], constraint)  # Eq. 7: the Bellman term weighted by w
         batch_terms = torch.stack([buffer.weights[idx].mean(), buffer.priorities[idx].mean(),
                                    (idx >= n_offline).float().mean()])
-        metric_sum += torch.cat([metrics, batch_terms])
+        metric_sum += torch.cat([metrics, batch_terms, torch.stack(constraint_terms)]) if constraint_terms else \
+            torch.cat([metrics, batch_terms])
         if (step + 1) % args.log_every == 0 or step + 1 == args.online_steps:
             log_metrics(writer, "", metric_tags, metric_sum, (step + 1) % args.log_every or args.log_every, step + 1)
             writer.add_scalar("charts/SPS", int((step + 1) / (time.time() - start)), step + 1)
@@ -615,7 +675,10 @@ RUN_STATE = {"run_dir": None, "writer": None, "checkpoints": {}}
 def stop_on_interrupt():
     """Ctrl-C: one line saying what was saved and how to continue, then exit 130 (no traceback)."""
     if RUN_STATE["writer"] is not None:
-        RUN_STATE["writer"].close()  # keep what was logged
+        try:
+            RUN_STATE["writer"].close()  # keep what was logged
+        except Exception:  # the interrupt hit the writer itself: what it had flushed is kept
+            pass
     saved, script = RUN_STATE["checkpoints"], os.path.basename(sys.argv[0])
     if "resume" in saved:
         hint = f"continue it with `python {script} --resume {saved['resume']}`"
@@ -644,6 +707,8 @@ FLAG_DOMAINS = {
     **dict.fromkeys(["obs_norm_eps", "reward_scale", "bc_lr", "actor_lr", "critic_lr", "value_lr", "kq", "krho",
                      "cql_temperature", "exp_adv_max"], ("a number > 0", lambda v: v > 0)),
     **dict.fromkeys(["cql_alpha", "online_cql_alpha", "beta"], ("a number >= 0", lambda v: v >= 0)),
+    "constraint_coef": ("a number > 0", lambda v: v > 0),
+    "constraint_half_life": ("an integer >= 1", lambda v: v >= 1),
     "gamma": ("a number in [0, 1)", lambda v: 0 <= v < 1),
     "tau": ("a number in (0, 1]", lambda v: 0 < v <= 1),
     "expectile": ("a number in (0, 1)", lambda v: 0 < v < 1),

@@ -309,7 +309,10 @@ RUN_STATE = {"run_dir": None, "writer": None, "checkpoints": {}}
 def stop_on_interrupt():
     """Ctrl-C: one line saying what was saved and how to continue, then exit 130 (no traceback)."""
     if RUN_STATE["writer"] is not None:
-        RUN_STATE["writer"].close()  # keep what was logged
+        try:
+            RUN_STATE["writer"].close()  # keep what was logged
+        except Exception:  # the interrupt hit the writer itself: what it had flushed is kept
+            pass
     saved, script = RUN_STATE["checkpoints"], os.path.basename(sys.argv[0])
     if "resume" in saved:
         hint = f"continue it with `python {script} --resume {saved['resume']}`"
@@ -338,6 +341,8 @@ FLAG_DOMAINS = {
     **dict.fromkeys(["obs_norm_eps", "reward_scale", "bc_lr", "actor_lr", "critic_lr", "value_lr", "kq", "krho",
                      "cql_temperature", "exp_adv_max"], ("a number > 0", lambda v: v > 0)),
     **dict.fromkeys(["cql_alpha", "online_cql_alpha", "beta"], ("a number >= 0", lambda v: v >= 0)),
+    "constraint_coef": ("a number > 0", lambda v: v > 0),
+    "constraint_half_life": ("an integer >= 1", lambda v: v >= 1),
     "gamma": ("a number in [0, 1)", lambda v: 0 <= v < 1),
     "tau": ("a number in (0, 1]", lambda v: 0 < v <= 1),
     "expectile": ("a number in (0, 1)", lambda v: 0 < v < 1),

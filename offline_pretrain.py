@@ -277,9 +277,10 @@ class ActorCritic(nn.Module):
     update of the target critics, pretrained weights loaded under this run's learning rates, and the
     Q-value used by evaluation. Subclasses set actor, qf, qf_target, optimizer, compute_losses, args."""
 
-    def update(self, batch, weights):
-        """One gradient step on a batch (s, a, r, s', terminal) with per-transition weights w."""
-        total_loss, metrics = self.compute_losses(*batch, weights)
+    def update(self, batch, weights, constraint=None):
+        """One gradient step on a batch (s, a, r, s', terminal) with per-transition weights w; `constraint`
+        (pi_BC's actions on the batch, lambda_t, delta_0) adds the adaptive behavior constraint."""
+        total_loss, metrics = self.compute_losses(*batch, weights, constraint)
         self.optimizer.zero_grad(set_to_none=True)
         total_loss.backward()
         self.optimizer.step()
@@ -299,6 +300,20 @@ class ActorCritic(nn.Module):
     @torch.no_grad()
     def q_value(self, obs, actions):
         return self.qf(obs, actions).min(0).values
+
+    @torch.no_grad()
+    def q_disagreement(self, obs, actions):
+        """delta = |Q1 - Q2|(s, a): how much the twin critics disagree, the constraint's uncertainty signal."""
+        qs = self.qf(obs, actions)
+        return (qs[0] - qs[1]).abs()
+
+    def behavior_constraint(self, obs, policy_actions, bc_actions, coef, scale):
+        """The adaptive behavior constraint (this project's reading of the later paper's dual objective):
+        lambda_t E_s[u(s) mean((pi(s) - pi_BC(s))^2)], with the gate u(s) = 1 - exp(-delta(s, pi(s)) / delta_0)
+        in [0, 1) growing with the critics' disagreement. The gate is computed without gradient, so the term
+        reaches only the actor. Returns the term and the batch's mean gate."""
+        gate = 1.0 - torch.exp(-self.q_disagreement(obs, policy_actions.detach()) / scale)
+        return coef * (gate * (policy_actions - bc_actions).pow(2).mean(-1)).mean(), gate.mean()
 
 
 
@@ -329,13 +344,15 @@ class IQL(ActorCritic):
         """The offline cosine schedule ends with the offline phase: a constant actor lr online."""
         self.set_actor_lr(self.args.actor_lr)
 
-    def losses(self, obs, actions, rewards, next_obs, terminals, weights):
-        """IQL's V, Q and actor losses, summed. One backward pass and one Adam step on the sum equal the
-        peer's (CORL's) three separate updates, because every loss is built from the parameters as they
-        were before this step (the actor's advantage is detached, the Q target comes from the target
-        network and V(s') is computed without gradient) and each reaches only its own parameter group.
-        An edit that lets a loss reach another network's parameters (e.g. an actor loss through Q(s, pi(s))
-        without detaching the critic) silently changes the algorithm: detach, or step it separately."""
+    def losses(self, obs, actions, rewards, next_obs, terminals, weights, constraint=None):
+        """IQL's V, Q and actor losses, summed, with the behavior constraint's actor term when given.
+        One backward pass and one Adam step on the sum equal the peer's (CORL's) three separate updates,
+        because every loss is built from the parameters as they were before this step (the actor's
+        advantage is detached, the Q target comes from the target network and V(s') is computed without
+        gradient) and each reaches only its own parameter group (the constraint's gate is computed
+        without gradient, so it reaches only the actor). An edit that lets a loss reach another network's
+        parameters (e.g. an actor loss through Q(s, pi(s)) without detaching the critic) silently changes
+        the algorithm: detach, or step it separately."""
         args = self.args
         with torch.no_grad():
             target_q = self.qf_target(obs, actions).min(0).values
@@ -346,7 +363,11 @@ class IQL(ActorCritic):
         q_loss = iql_q_loss(qs, rewards, terminals, next_v, weights, args.gamma)  # Eq. 9
         advantage = (target_q - v).detach()
         actor_loss = iql_actor_loss(self.actor.log_prob(obs, actions), advantage, args.beta, args.exp_adv_max)
-        return value_loss + q_loss + actor_loss, torch.stack([q_loss, value_loss, actor_loss, qs.mean()]).detach()
+        total_loss, metrics = value_loss + q_loss + actor_loss, [q_loss, value_loss, actor_loss, qs.mean()]
+        if constraint is not None:  # one more critic pass, at the actor's deterministic action
+            constraint_loss, gate_mean = self.behavior_constraint(obs, self.actor(obs), *constraint)
+            total_loss, metrics = total_loss + constraint_loss, metrics + [constraint_loss, gate_mean]
+        return total_loss, torch.stack(metrics).detach()
 
     @torch.no_grad()
     def act(self, obs, deterministic: bool):
@@ -383,14 +404,15 @@ class CQL(ActorCritic):
         """The conservative penalty stays during fine-tuning, with its online weight."""
         self.cql_alpha.fill_(self.args.cql_alpha if self.args.online_cql_alpha is None else self.args.online_cql_alpha)
 
-    def losses(self, obs, actions, rewards, next_obs, terminals, weights):
-        """CQL's temperature, actor and critic losses, summed. One backward pass and one Adam step on the
-        sum equal the peer's (CORL's) three sequential updates, because every loss is built from the
-        parameters as they were before this step and reaches only its own parameter group: the actor
-        sees the critics through detached weights, the TD target and the penalty's sampled actions are
-        computed without gradient, and alpha enters the actor loss detached. An edit that lets a loss
-        reach another network's parameters (e.g. Q(s, pi(s)) through the live critics) silently changes
-        the algorithm: detach it, or step it separately.
+    def losses(self, obs, actions, rewards, next_obs, terminals, weights, constraint=None):
+        """CQL's temperature, actor and critic losses, summed, with the behavior constraint's actor term
+        when given. One backward pass and one Adam step on the sum equal the peer's (CORL's) three
+        sequential updates, because every loss is built from the parameters as they were before this step
+        and reaches only its own parameter group: the actor sees the critics through detached weights,
+        the TD target and the penalty's sampled actions are computed without gradient, alpha enters the
+        actor loss detached, and the constraint's gate is computed without gradient. An edit that lets a
+        loss reach another network's parameters (e.g. Q(s, pi(s)) through the live critics) silently
+        changes the algorithm: detach it, or step it separately.
 
         Layout, batch B and n = --cql-n-actions (every sampled action in one actor pass, every Q in one
         critic pass, all at s as in CORL):
@@ -421,7 +443,12 @@ class CQL(ActorCritic):
         q_loss = cql_bellman_loss(q_data, td_target, weights)  # Eq. 7
         penalty = cql_penalty(q_sampled, log_density, q_data, args.cql_temperature)
         total_loss = q_loss + self.cql_alpha * penalty + actor_loss + alpha_loss
-        return total_loss, torch.stack([q_loss, penalty, actor_loss, q_data.mean(), alpha]).detach()
+        metrics = [q_loss, penalty, actor_loss, q_data.mean(), alpha]
+        if constraint is not None:  # at the actor's deterministic action
+            policy_actions = self.actor(obs, deterministic=True)[0]
+            constraint_loss, gate_mean = self.behavior_constraint(obs, policy_actions, *constraint)
+            total_loss, metrics = total_loss + constraint_loss, metrics + [constraint_loss, gate_mean]
+        return total_loss, torch.stack(metrics).detach()
 
     @torch.no_grad()
     def act(self, obs, deterministic: bool):
@@ -606,7 +633,10 @@ RUN_STATE = {"run_dir": None, "writer": None, "checkpoints": {}}
 def stop_on_interrupt():
     """Ctrl-C: one line saying what was saved and how to continue, then exit 130 (no traceback)."""
     if RUN_STATE["writer"] is not None:
-        RUN_STATE["writer"].close()  # keep what was logged
+        try:
+            RUN_STATE["writer"].close()  # keep what was logged
+        except Exception:  # the interrupt hit the writer itself: what it had flushed is kept
+            pass
     saved, script = RUN_STATE["checkpoints"], os.path.basename(sys.argv[0])
     if "resume" in saved:
         hint = f"continue it with `python {script} --resume {saved['resume']}`"
@@ -635,6 +665,8 @@ FLAG_DOMAINS = {
     **dict.fromkeys(["obs_norm_eps", "reward_scale", "bc_lr", "actor_lr", "critic_lr", "value_lr", "kq", "krho",
                      "cql_temperature", "exp_adv_max"], ("a number > 0", lambda v: v > 0)),
     **dict.fromkeys(["cql_alpha", "online_cql_alpha", "beta"], ("a number >= 0", lambda v: v >= 0)),
+    "constraint_coef": ("a number > 0", lambda v: v > 0),
+    "constraint_half_life": ("an integer >= 1", lambda v: v >= 1),
     "gamma": ("a number in [0, 1)", lambda v: 0 <= v < 1),
     "tau": ("a number in (0, 1]", lambda v: 0 < v <= 1),
     "expectile": ("a number in (0, 1)", lambda v: 0 < v < 1),

@@ -13,9 +13,11 @@ import numpy as np
 import tyro
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-METHOD_ORDER = ["iql", "iql-baq", "iql-our-q", "iql-our-s", "cql", "cql-baq", "cql-our-q", "cql-our-s"]
-METHOD_LABELS = {"iql": "IQL", "iql-baq": "IQL+BAQ", "iql-our-q": "IQL+Our-Q", "iql-our-s": "IQL+Our-S",
-                 "cql": "CQL", "cql-baq": "CQL+BAQ", "cql-our-q": "CQL+Our-Q", "cql-our-s": "CQL+Our-S"}
+METHOD_ORDER = ["iql", "iql-baq", "iql-baq-adaptive", "iql-our-q", "iql-our-s",
+                "cql", "cql-baq", "cql-baq-adaptive", "cql-our-q", "cql-our-s"]
+METHOD_LABELS = {"iql": "IQL", "iql-baq": "IQL+BAQ", "iql-baq-adaptive": "IQL+BAQ adaptive", "iql-our-q": "IQL+Our-Q",
+                 "iql-our-s": "IQL+Our-S", "cql": "CQL", "cql-baq": "CQL+BAQ", "cql-baq-adaptive": "CQL+BAQ adaptive",
+                 "cql-our-q": "CQL+Our-Q", "cql-our-s": "CQL+Our-S"}
 # the paper's Table 1 (D4RL v2, 4 seeds), for orientation
 PAPER_TABLE1 = {
     "halfcheetah-medium-expert": {"iql": "85.1 ± 6.3", "iql-baq": "78.5 ± 11.2", "cql": "57.0 ± 19.0", "cql-baq": "75.3 ± 11.4"},

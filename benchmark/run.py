@@ -27,6 +27,8 @@ METHODS = {
     "cql-baq": ("cql", []),
     "cql-our-q": ("cql", ["--no-priority-sampling"]),
     "cql-our-s": ("cql", ["--no-weighted-loss"]),
+    "iql-baq-adaptive": ("iql", ["--behavior-constraint"]),  # the later paper's adaptive constraint on top of BAQ
+    "cql-baq-adaptive": ("cql", ["--behavior-constraint"]),
 }
 PAPER_DATASETS = [f"baq/{env}/{level}-v0" for env in ("halfcheetah", "hopper", "walker2d")
                   for level in ("medium", "medium-replay", "medium-expert")]
@@ -48,7 +50,8 @@ class Args:
     datasets: List[str] = field(default_factory=lambda: ["baq/hopper/medium-v0"])
     """--env-id of each dataset (local baq/... datasets, or D4RL names when the official ones are present); `paper` for the paper's nine"""
     methods: List[str] = field(default_factory=lambda: ["iql", "iql-baq", "iql-our-q", "iql-our-s"])
-    """methods: {iql,cql} (plain fine-tuning), {iql,cql}-baq, {iql,cql}-our-q (weights only), {iql,cql}-our-s (priorities only)"""
+    """methods: {iql,cql} (plain fine-tuning), {iql,cql}-baq, {iql,cql}-our-q (weights only), {iql,cql}-our-s (priorities
+    only), {iql,cql}-baq-adaptive (BAQ with the later paper's adaptive behavior constraint)"""
     seeds: Optional[int] = None
     """seeds 1..N, N >= 1 (default: the preset's)"""
     workers: int = os.cpu_count() or 1

@@ -9,7 +9,7 @@ import pytest
 
 from conftest import ROOT
 
-METHODS = ["iql", "iql-baq", "iql-our-q", "iql-our-s"]
+METHODS = ["iql", "iql-baq", "iql-our-q", "iql-our-s", "iql-baq-adaptive"]
 
 
 def benchmark(script, minari_store, *flags):
@@ -33,7 +33,7 @@ def finals(root):
 
 def test_grid_shares_one_pretraining_per_dataset_and_seed(grid):
     root, result = grid
-    assert "6 runs, 0 already finished" in result.stdout
+    assert "7 runs, 0 already finished" in result.stdout
     dataset = root / "smoke" / "baq-hopper-tiny-v0"
     assert len(list(dataset.glob("pretrain-iql/seed1/*/offline.pt"))) == 1
     assert len(list(dataset.glob("pretrain-bc/seed1/*/bc.pt"))) == 1
@@ -51,7 +51,7 @@ def test_rerun_after_an_interruption_redoes_only_unfinished_runs(grid, minari_st
     result = benchmark("run.py", minari_store, "--preset", "smoke", "--datasets", "baq/hopper/tiny-v0", "--methods", *METHODS,
                        "--seeds", "1", "--root", str(root))
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "6 runs, 5 already finished" in result.stdout
+    assert "7 runs, 6 already finished" in result.stdout
     assert result.stdout.count("start ") == 1 and "start  baq/hopper/tiny-v0 iql-baq seed1" in result.stdout
     assert all(p.stat().st_mtime_ns == t for p, t in kept.items())
     assert len(list(interrupted.glob("*/final.pt"))) == 1 and len([d for d in interrupted.iterdir() if d.is_dir()]) == 1
@@ -62,11 +62,11 @@ def test_report_writes_tables_and_figures(grid, minari_store, tmp_path):
     result = benchmark("report.py", minari_store, "--preset", "smoke", "--root", str(root), "--output", str(tmp_path))
     assert result.returncode == 0, result.stdout + result.stderr
     tables = (tmp_path / "smoke" / "tables.md").read_text()
-    header = "| dataset | IQL | IQL+BAQ | IQL+Our-Q | IQL+Our-S |"
+    header = "| dataset | IQL | IQL+BAQ | IQL+BAQ adaptive | IQL+Our-Q | IQL+Our-S |"
     assert tables.count(header) == 3  # Table 1 twice (final, mean over evaluations) and the q_bias table
     assert "at the end of the online budget" in tables and "averaged over the evaluations" in tables
     rows = [line for line in tables.splitlines() if line.startswith("| hopper-tiny |")]
-    assert len(rows) == 3 and all(len(row.split("|")) == 7 for row in rows) and all("(1 run)" in row for row in rows)
+    assert len(rows) == 3 and all(len(row.split("|")) == 8 for row in rows) and all("(1 run)" in row for row in rows)
     assert "| IQL hopper-tiny |" in tables  # Figure 3's table
     for figure in ("figure2.png", "figure3.png"):
         assert (tmp_path / "smoke" / figure).stat().st_size > 10_000

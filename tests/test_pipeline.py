@@ -203,6 +203,7 @@ def test_runs_started_together_get_their_own_directories(minari_store, tmp_path)
     ("baq_cql.py", "--cql-n-actions", "0"), ("baq_cql.py", "--online-cql-alpha", "-1"),
     ("baq_cql.py", "--actor-lr", "inf"), ("offline_pretrain.py", "--critic-lr", "0"),
     ("bc_pretrain.py", "--bc-lr", "-0.001"), ("offline_pretrain.py", "--offline-steps", "-5"),
+    ("baq_iql.py", "--constraint-coef", "-1.0"), ("baq_cql.py", "--constraint-half-life", "0"),
 ])
 def test_out_of_domain_flags_exit_before_writing(run_script, tmp_path, script, flag, value):
     result, run_dir = run_script(script, tmp_path / "runs", flag, value, tiny=False)

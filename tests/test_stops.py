@@ -34,7 +34,7 @@ def test_ctrl_c_in_fine_tuning_names_the_checkpoints_to_continue_from(minari_sto
     flags = [*TINY_FLAGS, "--bc-steps", "10000000"]  # pi_BC runs until interrupted, after offline.pt is written
     process = start("baq_iql.py", minari_store, tmp_path / "runs", *flags)
     code, _, stderr = interrupt_once_written(process, tmp_path / "runs", "offline.pt")
-    assert code == 130 and "Traceback" not in stderr
+    assert code == 130 and "Traceback" not in stderr, stderr
     line = stderr.strip().splitlines()[-1]
     offline = next((tmp_path / "runs").glob("*/offline.pt"))
     assert line.startswith("interrupted: saved ") and f"--offline-checkpoint {offline}" in line
@@ -46,7 +46,7 @@ def test_ctrl_c_in_offline_pretraining_says_how_to_resume(minari_store, tmp_path
              "--no-cuda", "--no-compile", "--threads", "1", "--offline-eval-every", "0"]
     process = start("offline_pretrain.py", minari_store, tmp_path / "runs", *flags)
     code, _, stderr = interrupt_once_written(process, tmp_path / "runs", "resume.pt")
-    assert code == 130 and "Traceback" not in stderr
+    assert code == 130 and "Traceback" not in stderr, stderr
     resume = next((tmp_path / "runs").glob("*/resume.pt"))
     assert f"python offline_pretrain.py --resume {resume}" in stderr.strip().splitlines()[-1]
     assert "offline IQL" in stderr  # the progress bar
@@ -59,7 +59,7 @@ def test_ctrl_c_before_any_checkpoint_says_so(minari_store, tmp_path, script):
         flags = [*TINY_FLAGS, "--offline-steps", "10000000"]
     process = start(script, minari_store, tmp_path / "runs", *flags)
     code, _, stderr = interrupt_once_written(process, tmp_path / "runs", "events.out.tfevents.*")
-    assert code == 130 and "Traceback" not in stderr
+    assert code == 130 and "Traceback" not in stderr, stderr
     assert "nothing was saved yet" in stderr.strip().splitlines()[-1]
 
 
@@ -80,7 +80,7 @@ def test_ctrl_c_in_the_grid_stops_its_runs_and_says_how_to_continue(minari_store
     command = [sys.executable, str(ROOT / "benchmark" / "run.py"), "--preset", "smoke", "--datasets",
                "baq/hopper/tiny-v0", "--methods", "iql", "--seeds", "1", "--root", str(tmp_path)]
     code, _, stderr = interrupt_after(command, environment, "start ")
-    assert code == 130 and "Traceback" not in stderr
+    assert code == 130 and "Traceback" not in stderr, stderr
     assert "interrupted: 0 of 3 runs finished" in stderr and "rerun the same command" in stderr
 
 
@@ -91,5 +91,5 @@ def test_ctrl_c_in_dataset_generation_points_at_its_checkpoints(tmp_path):
                str(tmp_path / "policies"), "--hidden-dim", "16", "--batch-size", "16", "--learning-starts", "100",
                "--eval-every", "100000", "--threads", "1"]
     code, _, stderr = interrupt_after(command, environment, "SAC hopper", stream="stderr")
-    assert code == 130 and "Traceback" not in stderr
+    assert code == 130 and "Traceback" not in stderr, stderr
     assert f"interrupted: SAC training checkpoints are in {tmp_path / 'work'}" in stderr
