@@ -631,15 +631,13 @@ def main(args: Args):
             obs, _ = env.reset()
             episode_return, episode_length = 0.0, 0
 
+        idx, batch = buffer.sample(args.batch_size, prioritized=args.priority_sampling)  # Eq. 10: P_i ~ rho_i
         constraint, constraint_terms = None, []
         if args.behavior_constraint:  # n_conf counts this transition when the critics agree at pi(s)
             disagreement = agent.q_disagreement(state, agent.act(state, deterministic=True))
             confident += (disagreement < offline_disagreement).sum()
             coef = constraint_coefficient(args.constraint_coef, confident, args.constraint_half_life)
-            constraint_terms = [coef, confident]
-        idx, batch = buffer.sample(args.batch_size, prioritized=args.priority_sampling)  # Eq. 10: P_i ~ rho_i
-        if args.behavior_constraint:
-            constraint = (bc_policy(batch[0]), coef, scale)
+            constraint, constraint_terms = (bc_policy(batch[0]), coef, scale), [coef, confident]
         metrics = agent.update(batch, buffer.weights[idx], constraint)  # Eq. 7: the Bellman term weighted by w
         batch_terms = torch.stack([buffer.weights[idx].mean(), buffer.priorities[idx].mean(),
                                    (idx >= n_offline).float().mean()])
