@@ -1,6 +1,7 @@
 # Tables and figures from the runs of benchmark/run.py, read from their TensorBoard event files:
-# Table 1 (methods x datasets), Table 2 (CQL against Our-S), Figure 2 (normalized score during
-# fine-tuning), Figure 3 (the drop when Our-Q or Our-S is removed from BAQ), and eval/q_bias.
+# Table 1 (methods x datasets), Table 2 (CQL, Off2On, Our-S), Figure 2 (IQL, SO2, SUF and BAQ during
+# fine-tuning), every method's curves, Figure 3 (the drop when Our-Q or Our-S is removed from BAQ),
+# the adaptive constraint against BAQ with its lambda_t, and eval/q_bias.
 #
 #   python benchmark/report.py --preset cpu                               # writes benchmark/runs/report/cpu/
 #   python benchmark/report.py --preset cpu --output benchmark/results    # updates the committed results
@@ -13,11 +14,15 @@ import numpy as np
 import tyro
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-METHOD_ORDER = ["iql", "iql-baq", "iql-baq-adaptive", "iql-our-q", "iql-our-s",
-                "cql", "cql-baq", "cql-baq-adaptive", "cql-our-q", "cql-our-s"]
-METHOD_LABELS = {"iql": "IQL", "iql-baq": "IQL+BAQ", "iql-baq-adaptive": "IQL+BAQ adaptive", "iql-our-q": "IQL+Our-Q",
-                 "iql-our-s": "IQL+Our-S", "cql": "CQL", "cql-baq": "CQL+BAQ", "cql-baq-adaptive": "CQL+BAQ adaptive",
-                 "cql-our-q": "CQL+Our-Q", "cql-our-s": "CQL+Our-S"}
+METHOD_ORDER = ["iql", "iql-so2", "iql-suf", "iql-baq", "iql-baq-adaptive", "iql-our-q", "iql-our-s",
+                "cql", "cql-so2", "cql-suf", "cql-baq", "cql-baq-adaptive", "cql-our-q", "cql-our-s", "cql-off2on"]
+METHOD_LABELS = {"iql": "IQL", "iql-so2": "IQL+SO2", "iql-suf": "IQL+SUF", "iql-baq": "IQL+BAQ",
+                 "iql-baq-adaptive": "IQL+BAQ adaptive", "iql-our-q": "IQL+Our-Q", "iql-our-s": "IQL+Our-S",
+                 "cql": "CQL", "cql-so2": "CQL+SO2", "cql-suf": "CQL+SUF", "cql-baq": "CQL+BAQ",
+                 "cql-baq-adaptive": "CQL+BAQ adaptive", "cql-our-q": "CQL+Our-Q", "cql-our-s": "CQL+Our-S",
+                 "cql-off2on": "Off2On"}
+TABLE2_METHODS = ["cql", "cql-off2on", "cql-our-s"]  # the paper's Table 2: CQL, Off2On, Our-S
+FIGURE2_METHODS = ["iql", "iql-so2", "iql-suf", "iql-baq"]  # the paper's Figure 2
 # the paper's Table 1 (D4RL v2, 4 seeds), for orientation
 PAPER_TABLE1 = {
     "halfcheetah-medium-expert": {"iql": "85.1 ± 6.3", "iql-baq": "78.5 ± 11.2", "cql": "57.0 ± 19.0", "cql-baq": "75.3 ± 11.4"},
@@ -63,7 +68,7 @@ def read_curves(root: str, missing: List[str] = None) -> Dict:
                 tags = accumulator.Tags()["scalars"]
                 curves[(dataset, method)][seed_dir] = {
                     tag: (np.array([e.step for e in accumulator.Scalars(tag)]), np.array([e.value for e in accumulator.Scalars(tag)]))
-                    for tag in ("eval/normalized_score", "eval/return", "eval/q_bias") if tag in tags}
+                    for tag in ("eval/normalized_score", "eval/return", "eval/q_bias", "baq/constraint_coef") if tag in tags}
     return curves
 
 
@@ -134,6 +139,40 @@ def plot_curves(curves, tag: str, datasets, methods, path: str, title: str):
     save(figure, path)
 
 
+def plot_adaptive(curves, tag: str, datasets, methods, path: str, title: str):
+    """BAQ with the adaptive constraint against BAQ (top row: score, mean and +/- std over seeds) and the
+    constraint's coefficient lambda_t of every seed (bottom row)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(2, len(datasets), figsize=(4.2 * len(datasets), 5.6), squeeze=False)
+    for column, dataset in enumerate(datasets):
+        for method in methods:
+            for shown in (method.replace("-adaptive", ""), method):  # BAQ, then BAQ with the constraint
+                runs = curves.get((dataset, shown))
+                if not runs:
+                    continue
+                steps = next(iter(runs.values()))[tag][0]
+                values = np.stack([run[tag][1] for run in runs.values()])
+                axes[0][column].plot(steps, values.mean(0), label=f"{METHOD_LABELS[shown]} ({len(runs)})")
+                axes[0][column].fill_between(steps, values.mean(0) - values.std(0), values.mean(0) + values.std(0), alpha=0.2)
+            for seed, run in (curves.get((dataset, method)) or {}).items():
+                if "baq/constraint_coef" in run:
+                    axes[1][column].plot(*run["baq/constraint_coef"], label=f"{METHOD_LABELS[method]} {seed}")
+        axes[0][column].set_title(short_name(dataset), fontsize=9)
+        axes[0][column].set_ylabel(tag.split("/")[-1].replace("_", " "), fontsize=8)
+        axes[1][column].set_ylabel("lambda_t", fontsize=8)
+        axes[1][column].set_xlabel("online step", fontsize=8)
+        for ax in axes[:, column]:
+            ax.tick_params(labelsize=7)
+            ax.legend(fontsize=7)
+    figure.suptitle(title, fontsize=9)
+    figure.tight_layout()
+    save(figure, path)
+
+
 def plot_ablation(drops: Dict, path: str, title: str):
     """Figure 3: BAQ minus the variant without one component, per dataset and algorithm, with the spread
     over seeds (the std of the per-seed differences, seeds paired by number)."""
@@ -187,9 +226,10 @@ def main(args: Args):
              f"{budget:,} online steps")
     for kind, title in (("final", "at the end of the online budget"), ("mean", "averaged over the evaluations of the online phase (online step 0 included)")):
         values = statistic(curves, tag, kind)
-        lines += [f"## Table 1: score {title}", "", *table(values, datasets, methods), ""]
-        if {"cql", "cql-our-s"} <= set(methods):
-            lines += [f"## Table 2: CQL against Our-S, score {title}", "", *table(values, datasets, ["cql", "cql-our-s"]), ""]
+        lines += [f"## Table 1: score {title}", "", *table(values, datasets, [m for m in methods if m != "cql-off2on"]), ""]
+        table2 = [m for m in TABLE2_METHODS if m in methods]
+        if "cql" in table2 and len(table2) > 1:
+            lines += [f"## Table 2: CQL, Off2On and Our-S, score {title}", "", *table(values, datasets, table2), ""]
     final = statistic(curves, tag, "final")
     drops = {}
     for algo in ("iql", "cql"):
@@ -212,8 +252,18 @@ def main(args: Args):
                   "Q(s_t, a_t) minus the discounted return collected from t on, over the evaluation episodes' visited pairs, "
                   "in reward units (closer to 0 is better).", "",
                   *table(statistic(curves, "eval/q_bias", "mean"), datasets, methods, with_total=False), ""]
-    plot_curves(curves, tag, datasets, methods, os.path.join(output, "figure2.png"), f"Figure 2, {title}")
-    lines += ["## Figure 2: score during fine-tuning (mean and ± std over seeds)", "", "![Figure 2](figure2.png)", ""]
+    figure2 = [m for m in FIGURE2_METHODS if m in methods]
+    if figure2:
+        plot_curves(curves, tag, datasets, figure2, os.path.join(output, "figure2.png"), f"Figure 2, {title}")
+        lines += [f"## Figure 2: score during fine-tuning, {', '.join(METHOD_LABELS[m] for m in figure2)} (mean and "
+                  f"± std over seeds)", "", "![Figure 2](figure2.png)", ""]
+    plot_curves(curves, tag, datasets, methods, os.path.join(output, "curves.png"), f"Every method, {title}")
+    lines += ["## Score during fine-tuning, every method (mean and ± std over seeds)", "", "![curves](curves.png)", ""]
+    adaptive = [m for m in ("iql-baq-adaptive", "cql-baq-adaptive") if m in methods]
+    if adaptive:
+        plot_adaptive(curves, tag, datasets, adaptive, os.path.join(output, "adaptive.png"), f"Adaptive constraint, {title}")
+        lines += ["## The adaptive behavior constraint: score against BAQ, and lambda_t, per seed", "",
+                  "![adaptive](adaptive.png)", ""]
     paper_rows = [d for d in datasets if short_name(d) in PAPER_TABLE1]
     if paper_rows:
         paper_methods = ["iql", "iql-baq", "cql", "cql-baq"]
@@ -224,7 +274,7 @@ def main(args: Args):
     with open(os.path.join(output, "tables.md"), "w") as f:
         f.write("\n".join(lines))
     print("\n".join(lines))
-    print(f"wrote {output}/tables.md, figure2.png" + (", figure3.png" if drops else ""))
+    print(f"wrote {output}/tables.md and its figures")
 
 
 if __name__ == "__main__":

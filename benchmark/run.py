@@ -17,19 +17,27 @@ import tyro
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# method -> (algorithm, flags of the fine-tuning script)
+# method -> (algorithm, fine-tuning script, its flags); every method of a (dataset, seed) starts from the same
+# offline.pt, and the BAQ scripts also from the same bc.pt
 METHODS = {
-    "iql": ("iql", ["--no-weighted-loss", "--no-priority-sampling"]),
-    "iql-baq": ("iql", []),
-    "iql-our-q": ("iql", ["--no-priority-sampling"]),
-    "iql-our-s": ("iql", ["--no-weighted-loss"]),
-    "cql": ("cql", ["--no-weighted-loss", "--no-priority-sampling"]),
-    "cql-baq": ("cql", []),
-    "cql-our-q": ("cql", ["--no-priority-sampling"]),
-    "cql-our-s": ("cql", ["--no-weighted-loss"]),
-    "iql-baq-adaptive": ("iql", ["--behavior-constraint"]),  # the later paper's adaptive constraint on top of BAQ
-    "cql-baq-adaptive": ("cql", ["--behavior-constraint"]),
+    "iql": ("iql", "baq_iql.py", ["--no-weighted-loss", "--no-priority-sampling"]),
+    "iql-baq": ("iql", "baq_iql.py", []),
+    "iql-our-q": ("iql", "baq_iql.py", ["--no-priority-sampling"]),
+    "iql-our-s": ("iql", "baq_iql.py", ["--no-weighted-loss"]),
+    "cql": ("cql", "baq_cql.py", ["--no-weighted-loss", "--no-priority-sampling"]),
+    "cql-baq": ("cql", "baq_cql.py", []),
+    "cql-our-q": ("cql", "baq_cql.py", ["--no-priority-sampling"]),
+    "cql-our-s": ("cql", "baq_cql.py", ["--no-weighted-loss"]),
+    "iql-baq-adaptive": ("iql", "baq_iql.py", ["--behavior-constraint"]),  # the later paper's adaptive constraint
+    "cql-baq-adaptive": ("cql", "baq_cql.py", ["--behavior-constraint"]),
+    # the paper's baselines (benchmark/baselines/)
+    "iql-so2": ("iql", "benchmark/baselines/so2.py", ["--algo", "iql"]),
+    "iql-suf": ("iql", "benchmark/baselines/suf.py", ["--algo", "iql"]),
+    "cql-so2": ("cql", "benchmark/baselines/so2.py", ["--algo", "cql"]),
+    "cql-suf": ("cql", "benchmark/baselines/suf.py", ["--algo", "cql"]),
+    "cql-off2on": ("cql", "benchmark/baselines/off2on.py", []),
 }
+CHECKPOINT_FLAGS = {"offline.pt": "--offline-checkpoint", "bc.pt": "--bc-checkpoint"}
 PAPER_DATASETS = [f"baq/{env}/{level}-v0" for env in ("halfcheetah", "hopper", "walker2d")
                   for level in ("medium", "medium-replay", "medium-expert")]
 PRESETS = {
@@ -51,7 +59,8 @@ class Args:
     """--env-id of each dataset (local baq/... datasets, or D4RL names when the official ones are present); `paper` for the paper's nine"""
     methods: List[str] = field(default_factory=lambda: ["iql", "iql-baq", "iql-our-q", "iql-our-s"])
     """methods: {iql,cql} (plain fine-tuning), {iql,cql}-baq, {iql,cql}-our-q (weights only), {iql,cql}-our-s (priorities
-    only), {iql,cql}-baq-adaptive (BAQ with the later paper's adaptive behavior constraint)"""
+    only), {iql,cql}-baq-adaptive (BAQ with the later paper's adaptive behavior constraint), and the paper's baselines
+    {iql,cql}-so2, {iql,cql}-suf, cql-off2on"""
     seeds: Optional[int] = None
     """seeds 1..N, N >= 1 (default: the preset's)"""
     workers: int = os.cpu_count() or 1
@@ -99,7 +108,8 @@ def plan(args: Args) -> List[Job]:
             bc = Job(f"{dataset} bc seed{seed}", os.path.join(base, "pretrain-bc", f"seed{seed}"), "bc.pt",
                      [python, os.path.join(ROOT, "bc_pretrain.py"), "--env-id", dataset, "--seed", str(seed),
                       "--eval-episodes", str(preset["eval_episodes"]), *bc_extra, *script_flags(preset, "bc_steps")])
-            jobs.append(bc)
+            if any(METHODS[m][1].startswith("baq_") for m in args.methods):  # the baselines need no pi_BC
+                jobs.append(bc)
             offline = {}
             for algo in sorted({METHODS[m][0] for m in args.methods}):
                 offline[algo] = Job(f"{dataset} offline-{algo} seed{seed}", os.path.join(base, f"pretrain-{algo}", f"seed{seed}"),
@@ -108,11 +118,11 @@ def plan(args: Args) -> List[Job]:
                                                    *(["--no-compile"] if algo == "cql" else [])])  # as baq_cql.py
                 jobs.append(offline[algo])
             for method in args.methods:
-                algo, flags = METHODS[method]
+                algo, script, flags = METHODS[method]
                 jobs.append(Job(f"{dataset} {method} seed{seed}", os.path.join(base, method, f"seed{seed}"), "final.pt",
-                                [python, os.path.join(ROOT, f"baq_{algo}.py"), *common, "--exp-name", method, *flags,
+                                [python, os.path.join(ROOT, script), *common, "--exp-name", method, *flags,
                                  *script_flags(preset, "online_steps", "eval_every")],
-                                needs=[offline[algo], bc]))
+                                needs=[offline[algo], bc] if script.startswith("baq_") else [offline[algo]]))
     return jobs
 
 
@@ -123,9 +133,8 @@ def start(job: Job):
         command = [command[0], command[1], "--resume", os.path.join(run, "resume.pt")]
     elif run:
         shutil.rmtree(run)
-    if job.needs:  # the fine-tuning runs start from the shared pretrained checkpoints
-        offline, bc = (os.path.join(need.run_directory(), need.artifact) for need in job.needs)
-        command += ["--offline-checkpoint", offline, "--bc-checkpoint", bc]
+    for need in job.needs:  # the fine-tuning runs start from the shared pretrained checkpoints
+        command += [CHECKPOINT_FLAGS[need.artifact], os.path.join(need.run_directory(), need.artifact)]
     os.makedirs(job.directory, exist_ok=True)
     if "--resume" not in command:
         command += ["--runs-dir", job.directory]

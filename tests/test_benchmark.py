@@ -9,7 +9,8 @@ import pytest
 
 from conftest import ROOT
 
-METHODS = ["iql", "iql-baq", "iql-our-q", "iql-our-s", "iql-baq-adaptive"]
+METHODS = ["iql", "iql-so2", "iql-suf", "iql-baq", "iql-our-q", "iql-our-s", "iql-baq-adaptive", "cql", "cql-off2on"]
+BASELINES = ["iql-so2", "iql-suf", "cql-off2on"]
 
 
 def benchmark(script, minari_store, *flags):
@@ -33,14 +34,18 @@ def finals(root):
 
 def test_grid_shares_one_pretraining_per_dataset_and_seed(grid):
     root, result = grid
-    assert "7 runs, 0 already finished" in result.stdout
+    assert "12 runs, 0 already finished" in result.stdout
     dataset = root / "smoke" / "baq-hopper-tiny-v0"
-    assert len(list(dataset.glob("pretrain-iql/seed1/*/offline.pt"))) == 1
-    assert len(list(dataset.glob("pretrain-bc/seed1/*/bc.pt"))) == 1
+    for pretraining in ("pretrain-iql/seed1/*/offline.pt", "pretrain-cql/seed1/*/offline.pt", "pretrain-bc/seed1/*/bc.pt"):
+        assert len(list(dataset.glob(pretraining))) == 1
     assert [p.parents[2].name for p in finals(root)] == sorted(METHODS)
-    for method in METHODS:  # each fine-tuning run skipped both pretraining phases
+    for method in METHODS:  # each fine-tuning run started from the shared checkpoints
         log = (dataset / method / "seed1" / "log.txt").read_text()
-        assert "offline phase skipped" in log and "BC phase skipped" in log
+        if method in BASELINES:
+            offline = next(dataset.glob(f"pretrain-{method[:3]}/seed1/*/offline.pt"))
+            assert f"on {method[:3].upper()} from {offline}" in log
+        else:
+            assert "offline phase skipped" in log and "BC phase skipped" in log
 
 
 def test_rerun_after_an_interruption_redoes_only_unfinished_runs(grid, minari_store):
@@ -51,7 +56,7 @@ def test_rerun_after_an_interruption_redoes_only_unfinished_runs(grid, minari_st
     result = benchmark("run.py", minari_store, "--preset", "smoke", "--datasets", "baq/hopper/tiny-v0", "--methods", *METHODS,
                        "--seeds", "1", "--root", str(root))
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "7 runs, 6 already finished" in result.stdout
+    assert "12 runs, 11 already finished" in result.stdout
     assert result.stdout.count("start ") == 1 and "start  baq/hopper/tiny-v0 iql-baq seed1" in result.stdout
     assert all(p.stat().st_mtime_ns == t for p, t in kept.items())
     assert len(list(interrupted.glob("*/final.pt"))) == 1 and len([d for d in interrupted.iterdir() if d.is_dir()]) == 1
@@ -62,13 +67,17 @@ def test_report_writes_tables_and_figures(grid, minari_store, tmp_path):
     result = benchmark("report.py", minari_store, "--preset", "smoke", "--root", str(root), "--output", str(tmp_path))
     assert result.returncode == 0, result.stdout + result.stderr
     tables = (tmp_path / "smoke" / "tables.md").read_text()
-    header = "| dataset | IQL | IQL+BAQ | IQL+BAQ adaptive | IQL+Our-Q | IQL+Our-S |"
-    assert tables.count(header) == 3  # Table 1 twice (final, mean over evaluations) and the q_bias table
+    table1 = "| dataset | IQL | IQL+SO2 | IQL+SUF | IQL+BAQ | IQL+BAQ adaptive | IQL+Our-Q | IQL+Our-S | CQL |"
+    lines = tables.splitlines()
+    assert lines.count(table1) == 2  # Table 1 twice (final, mean over evaluations), in the paper's column order
+    assert lines.count("| dataset | CQL | Off2On |") == 2  # Table 2
+    assert lines.count(table1 + " Off2On |") == 1  # the q_bias table has every method
     assert "at the end of the online budget" in tables and "averaged over the evaluations" in tables
-    rows = [line for line in tables.splitlines() if line.startswith("| hopper-tiny |")]
-    assert len(rows) == 3 and all(len(row.split("|")) == 8 for row in rows) and all("(1 run)" in row for row in rows)
+    rows = [line for line in lines if line.startswith("| hopper-tiny |")]
+    assert [len(row.split("|")) for row in rows] == [11, 5, 11, 5, 12] and all("(1 run)" in row for row in rows)
     assert "| IQL hopper-tiny |" in tables  # Figure 3's table
-    for figure in ("figure2.png", "figure3.png"):
+    assert "## Figure 2: score during fine-tuning, IQL, IQL+SO2, IQL+SUF, IQL+BAQ (" in tables
+    for figure in ("figure2.png", "figure3.png", "curves.png", "adaptive.png"):
         assert (tmp_path / "smoke" / figure).stat().st_size > 10_000
 
 

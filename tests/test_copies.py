@@ -6,8 +6,8 @@ import pytest
 
 from conftest import ROOT
 
-# Definitions that are each script's own by design: its flags, its run, its algorithm's name.
-SCRIPT_OWN = {"Args", "main", "ALGORITHM", "Agent"}
+# Definitions that are each script's own by design: its flags, its run, its algorithm's or method's name.
+SCRIPT_OWN = {"Args", "main", "ALGORITHM", "Agent", "METHOD"}
 
 
 def script_paths():
