@@ -3,10 +3,17 @@
 # (offline_pretrain.py) and the same BC checkpoint (bc_pretrain.py). Runs go in parallel, one torch
 # thread each; what has finished is skipped, and an interrupted grid continues when rerun.
 #
+# `--launcher ray` hands the same runs to Ray (a local instance, or a cluster with --ray-address): each
+# run is a Ray task that starts the same command, and a fine-tuning task waits for its pretraining.
+#
 #   python benchmark/run.py --preset cpu --datasets baq/hopper/medium-v0 --methods iql iql-baq iql-our-q iql-our-s
+#   python benchmark/run.py --launcher ray --ray-address auto --gpus-per-run 0.25 --preset paper --datasets paper
 #   python benchmark/report.py --preset cpu
+import ctypes
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import time
@@ -66,7 +73,17 @@ class Args:
     workers: int = os.cpu_count() or 1
     """runs at a time (>= 1), one torch thread each"""
     root: str = os.path.join(ROOT, "benchmark", "runs")
-    """where the runs go: {root}/{preset}/{dataset}/{method}/seed{k}"""
+    """where the runs go: {root}/{preset}/{dataset}/{method}/seed{k}; with Ray on several machines, a filesystem
+    every worker sees at this same path"""
+    launcher: Literal["local", "ray"] = "local"
+    """local: processes on this machine (no Ray); ray: one Ray task per run, on a local instance or a cluster"""
+    ray_address: Optional[str] = None
+    """with --launcher ray: a running cluster (`auto` on one of its nodes, host:6379, or ray://host:10001); default: start
+    a local Ray instance with --workers x --cpus-per-run CPUs"""
+    cpus_per_run: int = 1
+    """with --launcher ray: CPUs Ray reserves for each run, and its torch threads (>= 1)"""
+    gpus_per_run: float = 0.0
+    """with --launcher ray: GPUs Ray reserves for each run; fractions pack several runs on one GPU (0: runs on the CPU)"""
 
 
 @dataclass
@@ -126,27 +143,39 @@ def plan(args: Args) -> List[Job]:
     return jobs
 
 
-def start(job: Job):
-    """Start a job; an interrupted offline pretraining resumes, any other unfinished run starts over."""
+def prepare(job: Job) -> List[str]:
+    """The command that runs `job` now, for either launcher: an interrupted offline pretraining resumes, any
+    other unfinished run starts over, and a fine-tuning run gets the shared pretrained checkpoints."""
     command, run = list(job.command), job.run_directory()
     if run and job.artifact == "offline.pt" and os.path.exists(os.path.join(run, "resume.pt")):
         command = [command[0], command[1], "--resume", os.path.join(run, "resume.pt")]
     elif run:
         shutil.rmtree(run)
-    for need in job.needs:  # the fine-tuning runs start from the shared pretrained checkpoints
+    for need in job.needs:
         command += [CHECKPOINT_FLAGS[need.artifact], os.path.join(need.run_directory(), need.artifact)]
     os.makedirs(job.directory, exist_ok=True)
     if "--resume" not in command:
         command += ["--runs-dir", job.directory]
+    return command
+
+
+def run_environment(threads: int = 1) -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "PYTHONWARNINGS": "ignore"}
+
+
+def start(job: Job):
+    """Start a job as a process of this machine (the local launcher)."""
+    command = prepare(job)
     log = open(os.path.join(job.directory, "log.txt"), "a")
-    environment = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    job.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=environment, cwd=ROOT)
+    job.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=run_environment(), cwd=ROOT)
     job.started = time.time()
     print(f"start  {job.name}", flush=True)
 
 
 def log_tail(job: Job, lines: int = 5) -> str:
     """The last lines of a run's log, indented, for the report of a failed run."""
+    if not os.path.exists(os.path.join(job.directory, "log.txt")):
+        return "         | (no log.txt: the run never started here)"
     with open(os.path.join(job.directory, "log.txt"), errors="replace") as log:
         tail = [line.rstrip() for line in log.read().replace("\r", "\n").splitlines() if line.strip()][-lines:]
     return "\n".join(f"         | {line}" for line in tail)
@@ -156,6 +185,12 @@ def check_args(args: Args):
     if args.workers < 1:
         raise SystemExit(f"error: --workers {args.workers}: at least one run must run at a time; give 1 or more "
                          f"(this machine has {os.cpu_count()} cores).")
+    if args.launcher == "local" and (args.ray_address or args.cpus_per_run != 1 or args.gpus_per_run):
+        raise SystemExit("error: --ray-address, --cpus-per-run and --gpus-per-run apply to --launcher ray; add "
+                         "--launcher ray, or drop them to run the grid as processes of this machine.")
+    if args.cpus_per_run < 1 or not 0 <= args.gpus_per_run < 1e6:
+        raise SystemExit(f"error: --cpus-per-run {args.cpus_per_run} / --gpus-per-run {args.gpus_per_run}: a run needs at "
+                         f"least one CPU and zero or more GPUs (fractions such as 0.25 share a GPU between runs).")
     if args.seeds is not None and args.seeds < 1:
         raise SystemExit(f"error: --seeds {args.seeds}: the grid runs seeds 1..N, so N must be 1 or more (omit "
                          f"--seeds for the preset's {PRESETS[args.preset]['seeds']}).")
@@ -188,18 +223,162 @@ def schedule(args: Args, pending, running, failed, skipped, start_time):
         time.sleep(0.5)
 
 
+# --- the Ray launcher ---------------------------------------------------------------------------
+def die_with_parent():
+    """In the run's process: stop (SIGTERM) when the Ray worker that started it dies, so that a cancelled
+    or lost task leaves no orphaned run behind (Linux)."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def run_on_worker(job: Job, threads: int, use_gpu: bool, progress, *needs_results) -> dict:
+    """One Ray task: the local launcher's command for `job`, run to its end on whichever node Ray chose."""
+    if any(result["status"] != "done" for result in needs_results):
+        return {"status": "skipped"}
+    try:
+        os.makedirs(job.directory, exist_ok=True)
+        with open(os.path.join(job.directory, ".write-probe"), "w"):
+            pass
+        os.remove(os.path.join(job.directory, ".write-probe"))
+    except OSError as err:
+        return {"status": "failed", "message": f"node {socket.gethostname()} cannot write to {job.directory} ({err}): "
+                f"--root must be a filesystem that every Ray worker sees at the same path (a shared NFS/Lustre "
+                f"mount, for example), writable by the workers' user."}
+    environment = run_environment(threads)
+    if not use_gpu:
+        environment["CUDA_VISIBLE_DEVICES"] = ""  # no GPU reserved for this run: it must not use one
+    progress.started.remote(job.name)
+    started = time.time()
+    with open(os.path.join(job.directory, "log.txt"), "a") as log:
+        process = subprocess.Popen(prepare(job), stdout=log, stderr=subprocess.STDOUT, env=environment, cwd=ROOT,
+                                   preexec_fn=die_with_parent)
+        try:
+            returncode = process.wait()
+        except KeyboardInterrupt:  # ray.cancel: stop the run, keep what it saved
+            process.terminate()
+            process.wait()
+            raise
+        finally:
+            progress.stopped.remote(job.name)
+    status = "done" if returncode == 0 and job.finished() else "failed"
+    return {"status": status, "returncode": returncode, "minutes": (time.time() - started) / 60,
+            "node": socket.gethostname()}
+
+
+def connect_ray(args: Args):
+    """ray.init on the cluster of --ray-address, or a new local instance; a wrong address fails in seconds."""
+    import ray
+
+    address = args.ray_address
+    if address and address != "auto":
+        host, _, port = address.removeprefix("ray://").rpartition(":")
+        try:
+            socket.create_connection((host or address, int(port or 0) or (10001 if address.startswith("ray://") else 6379)),
+                                     timeout=5).close()
+        except (OSError, ValueError) as err:
+            raise SystemExit(f"error: --ray-address {address!r}: no Ray cluster answers there ({err}). Start the head "
+                             f"first (`ray start --head` prints its address), pass host:6379 or ray://host:10001, or "
+                             f"`auto` on a node of a running cluster; omit --ray-address to start a local Ray instance.")
+    try:
+        if address:
+            return ray.init(address=address, log_to_driver=False)
+        return ray.init(num_cpus=args.workers * args.cpus_per_run, log_to_driver=False)
+    except (ConnectionError, RuntimeError, ValueError) as err:
+        raise SystemExit(f"error: --ray-address {address!r}: {err}. Start the cluster first (`ray start --head`), or "
+                         f"omit --ray-address to start a local Ray instance.")
+
+
+def schedule_on_ray(args: Args, pending, failed, skipped, start_time):
+    """Submit every unfinished run as a Ray task (a fine-tuning task takes its pretraining tasks' results as
+    arguments, so Ray starts it after them), then report each as it ends, and progress every 30 s."""
+    import ray
+
+    context = connect_ray(args)
+    dashboard = getattr(context, "dashboard_url", None)
+    print(f"Ray: {ray.cluster_resources().get('CPU', 0):g} CPUs, {ray.cluster_resources().get('GPU', 0):g} GPUs"
+          + (f"; dashboard at http://{dashboard}" if dashboard else ""), flush=True)
+
+    @ray.remote(num_cpus=0)
+    class Progress:
+        def __init__(self):
+            self.running = set()
+
+        def started(self, name):
+            self.running.add(name)
+
+        def stopped(self, name):
+            self.running.discard(name)
+
+        def count(self):
+            return len(self.running)
+
+    progress, tasks, by_name = Progress.remote(), {}, {}
+    task = ray.remote(run_on_worker).options(num_cpus=args.cpus_per_run, num_gpus=args.gpus_per_run, max_retries=0)
+    for job in pending:  # plan() lists every pretraining run before the runs that need it
+        needs = [by_name[need.name] for need in job.needs if need.name in by_name]
+        by_name[job.name] = task.remote(job, args.cpus_per_run, args.gpus_per_run > 0, progress, *needs)
+        tasks[by_name[job.name]] = job
+    done, last_report = 0, time.time()
+    try:
+        while tasks:
+            ready, _ = ray.wait(list(tasks), num_returns=1, timeout=5)
+            for ref in ready:
+                job, result = tasks.pop(ref), ray.get(ref)
+                if result["status"] == "done":
+                    done += 1
+                    print(f"done   {job.name} ({result['minutes']:.1f} min on {result['node']}; grid at "
+                          f"{(time.time() - start_time) / 60:.1f} min)", flush=True)
+                elif result["status"] == "skipped":
+                    skipped.append(job)
+                    print(f"SKIP   {job.name}: a pretraining run it needs failed", flush=True)
+                else:
+                    failed.append(job)
+                    reason = result.get("message") or (f"exit {result['returncode']}: "
+                                                       f"{os.path.join(job.directory, 'log.txt')} ends with\n{log_tail(job)}")
+                    print(f"FAILED {job.name} ({reason})", flush=True)
+            if time.time() - last_report > 30 and tasks:
+                print(f"progress: {done} finished, {ray.get(progress.count.remote())} running, {len(failed)} failed, "
+                      f"{len(skipped)} skipped, {len(tasks)} left", flush=True)
+                last_report = time.time()
+    except KeyboardInterrupt:
+        for ref in tasks:
+            ray.cancel(ref)  # the task stops its run (KeyboardInterrupt in the task)
+        ray.wait(list(tasks), num_returns=len(tasks), timeout=30)
+        raise
+    finally:
+        if not args.ray_address:
+            ray.shutdown()
+
+
+def check_root(args: Args):
+    """--root must be writable here (and, with Ray on a cluster, on every worker: each task checks its own node)."""
+    try:
+        os.makedirs(args.root, exist_ok=True)
+        with open(os.path.join(args.root, ".write-probe"), "w"):
+            pass
+        os.remove(os.path.join(args.root, ".write-probe"))
+    except OSError as err:
+        raise SystemExit(f"error: --root {args.root!r} is not a writable folder ({err}). Pass a folder this user can write"
+                         + (", on a filesystem every Ray worker sees at the same path." if args.launcher == "ray" else "."))
+
+
 def main(args: Args):
     check_args(args)
+    check_root(args)
     jobs = plan(args)
     preset = PRESETS[args.preset]
     if args.preset == "cpu":
         print(f"preset cpu: {preset['offline_steps']:,} offline updates instead of the paper's 1,000,000 (reduced to fit a "
               f"2-core CPU), {preset['bc_steps']:,} BC updates, {preset['online_steps']:,} online steps")
     pending = [job for job in jobs if not job.finished()]
-    print(f"{len(jobs)} runs, {len(jobs) - len(pending)} already finished, {args.workers} at a time", flush=True)
+    at_a_time = f"{args.workers} at a time" if args.launcher == "local" else "through Ray"
+    print(f"{len(jobs)} runs, {len(jobs) - len(pending)} already finished, {at_a_time}", flush=True)
     running, failed, skipped, start_time = [], [], [], time.time()
     try:
-        schedule(args, pending, running, failed, skipped, start_time)
+        if args.launcher == "ray":
+            schedule_on_ray(args, pending, failed, skipped, start_time)
+        else:
+            schedule(args, pending, running, failed, skipped, start_time)
     except KeyboardInterrupt:
         for job in running:
             job.process.terminate()
