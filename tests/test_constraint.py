@@ -86,13 +86,36 @@ def test_lambda_never_increases_and_halves_at_the_half_life(script):
 def test_a_run_with_the_constraint_logs_its_terms(run_script, tmp_path, name):
     result, run_dir = run_script(f"{name}.py", tmp_path / "runs", "--behavior-constraint", "--constraint-half-life", "10")
     assert result.returncode == 0, result.stderr
-    assert "behavior constraint: lambda_0 1.0, n_half 10, delta_0" in result.stdout
+    lambda_0 = importlib.import_module(name).Args().constraint_coef  # each script's measured default
+    assert f"behavior constraint: lambda_0 {lambda_0}, n_half 10, delta_0" in result.stdout
     assert run_dir.name.split("__")[1] == f"{name}-adaptive"
     scalars = read_scalars(run_dir)
     for tag in ("baq/constraint_coef", "baq/constraint_loss", "baq/uncertainty_mean", "baq/confident_transitions"):
         values = [value for _, value in scalars[tag]]
         assert values and all(math.isfinite(v) for v in values), tag
     coefs = [value for _, value in scalars["baq/constraint_coef"]]
-    assert all(0 < c <= 1.0 for c in coefs)
-    assert all(later <= earlier + 1e-6 for earlier, later in zip(coefs, coefs[1:]))  # window means, float32
+    assert all(0 < c <= lambda_0 for c in coefs)
+    assert all(later <= earlier * (1 + 1e-6) for earlier, later in zip(coefs, coefs[1:]))  # window means, float32
     assert all(0 <= u < 1 for _, u in scalars["baq/uncertainty_mean"])
+
+
+def test_constraint_scale_measures_the_two_gradients(run_script, tmp_path, minari_store):
+    """benchmark/constraint_scale.py (the measurement behind --constraint-coef's default) on tiny checkpoints."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    from test_pretrain import BC_FLAGS, OFFLINE_FLAGS
+
+    made, offline_dir = run_script("offline_pretrain.py", tmp_path / "offline", *OFFLINE_FLAGS, tiny=False)
+    cloned, bc_dir = run_script("bc_pretrain.py", tmp_path / "bc", *BC_FLAGS, tiny=False)
+    assert made.returncode == 0 and cloned.returncode == 0, made.stderr + cloned.stderr
+    result = subprocess.run([sys.executable, str(ROOT / "benchmark" / "constraint_scale.py"), "--env-id", "baq/hopper/tiny-v0",
+                             "--offline-checkpoint", str(offline_dir / "offline.pt"), "--bc-checkpoint",
+                             str(bc_dir / "bc.pt"), "--batches", "5"], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "MINARI_DATASETS_PATH": str(minari_store)})
+    assert result.returncode == 0, result.stderr
+    line = result.stdout.strip().splitlines()[-1]
+    ratio = float(line.split("lambda_0 for equal pulls: median ")[1].split()[0])
+    assert line.startswith("baq_iql on baq/hopper/tiny-v0: delta_0") and math.isfinite(ratio) and ratio > 0
