@@ -46,6 +46,8 @@ class Args:
     output: str = os.path.join(ROOT, "benchmark", "runs", "report")
     """tables and figures go to {output}/{preset}/ (untracked by default; --output benchmark/results updates the
     committed results)"""
+    bootstrap_reps: int = 5000
+    """bootstrap replications of the aggregate statistics' confidence intervals"""
 
 
 def read_curves(root: str, missing: List[str] = None) -> Dict:
@@ -139,6 +141,96 @@ def plot_curves(curves, tag: str, datasets, methods, path: str, title: str):
     save(figure, path)
 
 
+def backbone(method: str) -> str:
+    return method.split("-")[0]
+
+
+def aggregates(final: Dict, datasets: List[str], methods: List[str], reps: int, seed: int = 0):
+    """rliable's few-run statistics of the final scores over every (dataset, seed) run: per method the
+    interquartile mean and the mean with 95% stratified bootstrap intervals (runs resampled within each
+    dataset), and for each BAQ variant the probability of improvement over its backbone, P(X > Y) (the
+    Mann-Whitney probability that a run of X beats a run of Y on a dataset, averaged over datasets), with its
+    interval. Only datasets where every method ran count, each with the smallest seed count among them."""
+    import warnings
+
+    from rliable import library as rly
+    from rliable import metrics
+
+    warnings.filterwarnings("ignore", category=FutureWarning, module="arch")  # rliable passes a RandomState
+    common = [d for d in datasets if all((d, m) in final for m in methods)]
+    if not common:
+        return None
+    runs = min(len(final[(d, m)]) for d in common for m in methods)
+    scores = {m: np.stack([final[(d, m)][:runs] for d in common], axis=1) for m in methods}  # [runs, datasets]
+
+    def iqm_and_mean(x):
+        return np.array([metrics.aggregate_iqm(x), metrics.aggregate_mean(x)])
+
+    points, intervals = rly.get_interval_estimates(scores, iqm_and_mean, reps=reps, random_state=np.random.RandomState(seed))
+    pairs = {(m, backbone(m)): [scores[m], scores[backbone(m)]] for m in methods
+             if m != backbone(m) and backbone(m) in methods and ("baq" in m or "our-" in m)}
+    improvement = rly.get_interval_estimates({f"{x},{y}": v for (x, y), v in pairs.items()},
+                                             metrics.probability_of_improvement, reps=reps,
+                                             random_state=np.random.RandomState(seed + 1)) if pairs else ({}, {})
+    return {"datasets": common, "runs": runs, "points": points, "intervals": intervals, "improvement": improvement}
+
+
+def aggregate_lines(stats) -> List[str]:
+    names = [f"{len(stats['datasets'])} datasets ({', '.join(short_name(d) for d in stats['datasets'])}) x "
+             f"{stats['runs']} seed{'s' if stats['runs'] > 1 else ''}"]
+    lines = ["## Aggregates over every (dataset, seed) run: final score, 95% stratified bootstrap intervals (rliable)", "",
+             f"Over {names[0]}. IQM: the mean of the middle 50% of runs, robust to one outlier seed.", "",
+             "| method | IQM [95% CI] | mean [95% CI] |", "|---|---|---|"]
+    for method, point in stats["points"].items():
+        low, high = stats["intervals"][method]
+        lines.append(f"| {METHOD_LABELS[method]} | {point[0]:.1f} [{low[0]:.1f}, {high[0]:.1f}] | "
+                     f"{point[1]:.1f} [{low[1]:.1f}, {high[1]:.1f}] |")
+    points, intervals = stats["improvement"]
+    if points:
+        lines += ["", "| probability of improvement | P(X > Y) [95% CI] | the interval excludes 0.5 (no difference) |",
+                  "|---|---|---|"]
+        for pair, point in points.items():
+            x, y = pair.split(",")
+            low, high = np.ravel(intervals[pair])[:2]
+            verdict = "one run per dataset: no verdict" if stats["runs"] < 2 else \
+                "yes, X better" if low > 0.5 else "yes, Y better" if high < 0.5 else "no"
+            lines.append(f"| P({METHOD_LABELS[x]} > {METHOD_LABELS[y]}) | {float(point):.2f} [{low:.2f}, {high:.2f}] | "
+                         f"{verdict} |")
+    return lines + ["", "![aggregates](aggregates.png)", ""]
+
+
+def plot_aggregates(stats, path: str, title: str):
+    """The aggregate intervals: IQM, mean, and the probabilities of improvement (0.5: no difference)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points, intervals = stats["improvement"]
+    panels = 3 if points else 2
+    methods = list(stats["points"])
+    figure, axes = plt.subplots(1, panels, figsize=(4.2 * panels, 0.45 * max(len(methods), len(points)) + 1.4))
+    for column, name in enumerate(("IQM", "mean")):
+        for row, method in enumerate(methods):
+            low, high = stats["intervals"][method][:, column]
+            axes[column].plot([low, high], [row, row], linewidth=6, alpha=0.5)
+            axes[column].plot(stats["points"][method][column], row, "k|", markersize=12)
+        axes[column].set_yticks(range(len(methods)), [METHOD_LABELS[m] for m in methods], fontsize=7)
+        axes[column].set_xlabel(f"{name} of the final score", fontsize=8)
+    if points:
+        for row, (pair, point) in enumerate(points.items()):
+            low, high = np.ravel(intervals[pair])[:2]
+            axes[2].plot([low, high], [row, row], linewidth=6, alpha=0.5)
+            axes[2].plot(float(point), row, "k|", markersize=12)
+        axes[2].axvline(0.5, color="black", linewidth=0.8, linestyle="--")
+        labels = [f"P({METHOD_LABELS[p.split(',')[0]]} > {METHOD_LABELS[p.split(',')[1]]})" for p in points]
+        axes[2].set_yticks(range(len(points)), labels, fontsize=7)
+        axes[2].set_xlabel("probability of improvement", fontsize=8)
+    figure.suptitle(title, fontsize=9)
+    figure.tight_layout()
+    save(figure, path)
+
+
 def plot_adaptive(curves, tag: str, datasets, methods, path: str, title: str):
     """BAQ with the adaptive constraint against BAQ (top row: score, mean and +/- std over seeds) and the
     constraint's coefficient lambda_t of every seed (bottom row)."""
@@ -224,13 +316,18 @@ def main(args: Args):
         lines += [f"Not finished, so not in the tables: {', '.join(missing)}.", ""]
     title = (f"preset {args.preset}, {'/'.join(map(str, seeds))} seed{'s' if seeds != [1] else ''} per method, "
              f"{budget:,} online steps")
-    for kind, title in (("final", "at the end of the online budget"), ("mean", "averaged over the evaluations of the online phase (online step 0 included)")):
+    final = statistic(curves, tag, "final")
+    stats = aggregates(final, datasets, methods, args.bootstrap_reps)
+    if stats:  # the field's few-run statistics lead
+        lines += aggregate_lines(stats)
+        plot_aggregates(stats, os.path.join(output, "aggregates.png"), f"Aggregates, {title}")
+    for kind, when in (("final", "at the end of the online budget"),
+                       ("mean", "averaged over the evaluations of the online phase (online step 0 included)")):
         values = statistic(curves, tag, kind)
-        lines += [f"## Table 1: score {title}", "", *table(values, datasets, [m for m in methods if m != "cql-off2on"]), ""]
+        lines += [f"## Table 1: score {when}", "", *table(values, datasets, [m for m in methods if m != "cql-off2on"]), ""]
         table2 = [m for m in TABLE2_METHODS if m in methods]
         if "cql" in table2 and len(table2) > 1:
-            lines += [f"## Table 2: CQL, Off2On and Our-S, score {title}", "", *table(values, datasets, table2), ""]
-    final = statistic(curves, tag, "final")
+            lines += [f"## Table 2: CQL, Off2On and Our-S, score {when}", "", *table(values, datasets, table2), ""]
     drops = {}
     for algo in ("iql", "cql"):
         for dataset in datasets:

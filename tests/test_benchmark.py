@@ -64,7 +64,8 @@ def test_rerun_after_an_interruption_redoes_only_unfinished_runs(grid, minari_st
 
 def test_report_writes_tables_and_figures(grid, minari_store, tmp_path):
     root, _ = grid
-    result = benchmark("report.py", minari_store, "--preset", "smoke", "--root", str(root), "--output", str(tmp_path))
+    result = benchmark("report.py", minari_store, "--preset", "smoke", "--root", str(root), "--output", str(tmp_path),
+                       "--bootstrap-reps", "200")
     assert result.returncode == 0, result.stdout + result.stderr
     tables = (tmp_path / "smoke" / "tables.md").read_text()
     table1 = "| dataset | IQL | IQL+SO2 | IQL+SUF | IQL+BAQ | IQL+BAQ adaptive | IQL+Our-Q | IQL+Our-S | CQL |"
@@ -77,7 +78,10 @@ def test_report_writes_tables_and_figures(grid, minari_store, tmp_path):
     assert [len(row.split("|")) for row in rows] == [11, 5, 11, 5, 12] and all("(1 run)" in row for row in rows)
     assert "| IQL hopper-tiny |" in tables  # Figure 3's table
     assert "## Figure 2: score during fine-tuning, IQL, IQL+SO2, IQL+SUF, IQL+BAQ (" in tables
-    for figure in ("figure2.png", "figure3.png", "curves.png", "adaptive.png"):
+    assert "| IQL+BAQ | " in tables and "| P(IQL+BAQ > IQL) | " in tables  # the rliable aggregates, leading
+    assert tables.index("## Aggregates over every (dataset, seed) run") < tables.index("## Table 1")
+    assert "one run per dataset: no verdict" in tables
+    for figure in ("figure2.png", "figure3.png", "curves.png", "adaptive.png", "aggregates.png"):
         assert (tmp_path / "smoke" / figure).stat().st_size > 10_000
 
 
@@ -101,7 +105,8 @@ def test_report_names_unfinished_runs(grid, minari_store, tmp_path):
     root, _ = grid
     unfinished = root / "smoke" / "baq-hopper-tiny-v0" / "iql-our-q" / "seed2" / "some-run"
     unfinished.mkdir(parents=True)  # a run that started and has no final.pt
-    result = benchmark("report.py", minari_store, "--preset", "smoke", "--root", str(root), "--output", str(tmp_path))
+    result = benchmark("report.py", minari_store, "--preset", "smoke", "--root", str(root), "--output", str(tmp_path),
+                       "--bootstrap-reps", "200")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "Not finished, so not in the tables: hopper-tiny IQL+Our-Q seed2." in result.stdout
     (unfinished.parent / "some-run").rmdir()
@@ -131,3 +136,18 @@ def test_a_failed_run_is_reported_with_its_log_and_its_dependents_skipped(minari
     assert "FAILED baq/hopper/missing-v0 offline-iql seed1 (exit 1)" in result.stdout
     assert "| error: --env-id 'baq/hopper/missing-v0'" in result.stdout  # the log's last line, shown
     assert "0 of 4 runs finished, 2 failed, 2 skipped" in result.stdout
+
+
+def test_aggregates_match_hand_computation():
+    """rliable's IQM (the mean of the middle half), the mean, and P(X > Y) = the share of run pairs X wins."""
+    report = importlib.import_module("benchmark.report")
+    runs = np.arange(1.0, 9.0)
+    final = {("d", "iql"): runs, ("d", "iql-baq"): runs + 10, ("d", "iql-our-s"): runs + 0.5}
+    stats = report.aggregates(final, ["d"], ["iql", "iql-baq", "iql-our-s"], reps=300)
+    np.testing.assert_allclose(stats["points"]["iql"], [4.5, 4.5])  # IQM of 1..8: mean(3, 4, 5, 6)
+    np.testing.assert_allclose(stats["points"]["iql-baq"], [14.5, 14.5])
+    low, high = stats["intervals"]["iql"][:, 0]
+    assert 1.0 < low <= 4.5 <= high < 8.0
+    improvement = stats["improvement"][0]
+    assert improvement["iql-baq,iql"] == pytest.approx(1.0)
+    assert improvement["iql-our-s,iql"] == pytest.approx(36 / 64)  # x_i = i + 0.5 beats y_j = j for j <= i
