@@ -37,3 +37,18 @@ def test_an_iql_update_on_the_gpu_matches_the_cpu():
     torch.testing.assert_close(gpu_metrics.cpu(), cpu_metrics, rtol=1e-4, atol=1e-5)
     for (key, a), b in zip(cpu_agent.state_dict().items(), gpu_agent.state_dict().values()):
         torch.testing.assert_close(b.cpu(), a, rtol=1e-4, atol=1e-5, msg=key)
+
+
+@needs_cuda
+@pytest.mark.parametrize("script, algo", [("so2", "iql"), ("suf", "cql"), ("off2on", "cql")])
+def test_the_baselines_run_on_the_gpu(run_script, tmp_path, script, algo):
+    from test_baselines import BASELINE_FLAGS
+    from test_pretrain import OFFLINE_FLAGS
+
+    made, offline_dir = run_script("offline_pretrain.py", tmp_path / "offline", "--algo", algo, *OFFLINE_FLAGS, tiny=False)
+    assert made.returncode == 0, made.stderr
+    flags = [flag for flag in BASELINE_FLAGS if flag != "--no-cuda"]
+    result, run_dir = run_script(f"benchmark/baselines/{script}.py", tmp_path / "runs", "--offline-checkpoint",
+                                 str(offline_dir / "offline.pt"), *flags, "--cuda", tiny=False)
+    assert result.returncode == 0, result.stderr
+    assert "device cuda" in result.stdout and (run_dir / "final.pt").exists()
