@@ -142,7 +142,11 @@ def test_baselines_run_end_to_end_and_log_the_bench_tags(offline_checkpoints, ru
 
 
 def test_wrong_checkpoints_are_refused(offline_checkpoints, run_script, tmp_path):
-    cases = [("off2on", offline_checkpoints["iql"], [], "made by IQL, but --offline-checkpoint needs kind 'offline' made by CQL"),
+    final = load(offline_checkpoints["cql"])
+    final["kind"] = "final"  # a fine-tuned checkpoint is not a starting point
+    torch.save(final, tmp_path / "final.pt")
+    cases = [("so2", tmp_path / "final.pt", [], "of kind 'final' made by CQL, but --offline-checkpoint needs kind 'offline'"),
+             ("off2on", offline_checkpoints["iql"], [], "made by IQL, but --offline-checkpoint needs kind 'offline' made by CQL"),
              ("so2", offline_checkpoints["iql"], ["--algo", "cql"], "made by IQL"),
              ("suf", offline_checkpoints["cql"].parent / "missing.pt", [], "no such file")]
     for script, checkpoint, flags, words in cases:
