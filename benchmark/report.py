@@ -6,6 +6,7 @@
 #   python benchmark/report.py --preset cpu                               # writes benchmark/runs/report/cpu/
 #   python benchmark/report.py --preset cpu --output benchmark/results    # updates the committed results
 import os
+import textwrap
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Dict, List, Literal
@@ -136,7 +137,7 @@ def plot_curves(curves, tag: str, datasets, methods, path: str, title: str):
         ax.set_ylabel(tag.split("/")[-1].replace("_", " "), fontsize=8)
         ax.tick_params(labelsize=7)
     axes[0][0].legend(fontsize=7)
-    figure.suptitle(title, fontsize=9)
+    figure.suptitle(wrapped(title, figure), fontsize=9)
     figure.tight_layout()
     save(figure, path)
 
@@ -226,7 +227,7 @@ def plot_aggregates(stats, path: str, title: str):
         labels = [f"P({METHOD_LABELS[p.split(',')[0]]} > {METHOD_LABELS[p.split(',')[1]]})" for p in points]
         axes[2].set_yticks(range(len(points)), labels, fontsize=7)
         axes[2].set_xlabel("probability of improvement", fontsize=8)
-    figure.suptitle(title, fontsize=9)
+    figure.suptitle(wrapped(title, figure), fontsize=9)
     figure.tight_layout()
     save(figure, path)
 
@@ -260,7 +261,7 @@ def plot_adaptive(curves, tag: str, datasets, methods, path: str, title: str):
         for ax in axes[:, column]:
             ax.tick_params(labelsize=7)
             ax.legend(fontsize=7)
-    figure.suptitle(title, fontsize=9)
+    figure.suptitle(wrapped(title, figure), fontsize=9)
     figure.tight_layout()
     save(figure, path)
 
@@ -283,9 +284,14 @@ def plot_ablation(drops: Dict, path: str, title: str):
     ax.set_xticks(x, labels, fontsize=7, rotation=20)
     ax.set_ylabel("score of BAQ minus the ablation", fontsize=8)
     ax.legend(fontsize=7)
-    ax.set_title(title, fontsize=9)
+    ax.set_title(wrapped(title, figure), fontsize=9)
     figure.tight_layout()
     save(figure, path)
+
+
+def wrapped(title: str, figure) -> str:
+    """The title broken into lines that fit the figure's width (about 13 characters per inch at 9 points)."""
+    return textwrap.fill(title, width=int(13 * figure.get_figwidth()))
 
 
 def save(figure, path: str):
