@@ -236,10 +236,7 @@ def run_on_worker(job: Job, threads: int, use_gpu: bool, progress, *needs_result
     if any(result["status"] != "done" for result in needs_results):
         return {"status": "skipped"}
     try:
-        os.makedirs(job.directory, exist_ok=True)
-        with open(os.path.join(job.directory, ".write-probe"), "w"):
-            pass
-        os.remove(os.path.join(job.directory, ".write-probe"))
+        probe_writable(job.directory)
     except OSError as err:
         return {"status": "failed", "message": f"node {socket.gethostname()} cannot write to {job.directory} ({err}): "
                 f"--root must be a filesystem that every Ray worker sees at the same path (a shared NFS/Lustre "
@@ -350,13 +347,18 @@ def schedule_on_ray(args: Args, pending, failed, skipped, start_time):
             ray.shutdown()
 
 
+def probe_writable(folder: str):
+    """Create `folder` if needed and write a file in it: raises OSError where this user or node cannot."""
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, ".write-probe"), "w"):
+        pass
+    os.remove(os.path.join(folder, ".write-probe"))
+
+
 def check_root(args: Args):
     """--root must be writable here (and, with Ray on a cluster, on every worker: each task checks its own node)."""
     try:
-        os.makedirs(args.root, exist_ok=True)
-        with open(os.path.join(args.root, ".write-probe"), "w"):
-            pass
-        os.remove(os.path.join(args.root, ".write-probe"))
+        probe_writable(args.root)
     except OSError as err:
         raise SystemExit(f"error: --root {args.root!r} is not a writable folder ({err}). Pass a folder this user can write"
                          + (", on a filesystem every Ray worker sees at the same path." if args.launcher == "ray" else "."))
