@@ -5,6 +5,7 @@
 #
 #   python benchmark/report.py --preset cpu                               # writes benchmark/runs/report/cpu/
 #   python benchmark/report.py --preset cpu --output benchmark/results    # updates the committed results
+import math
 import os
 import textwrap
 from collections import defaultdict
@@ -187,13 +188,18 @@ def aggregate_lines(stats) -> List[str]:
         lines.append(f"| {METHOD_LABELS[method]} | {point[0]:.1f} [{low[0]:.1f}, {high[0]:.1f}] | "
                      f"{point[1]:.1f} [{low[1]:.1f}, {high[1]:.1f}] |")
     points, intervals = stats["improvement"]
+    # With few runs a bootstrap interval collapses whenever every run of X beats every run of Y (2 seeds: 4 pairs)
+    # although chance alone does that often; no verdict where even that complete separation would have a two-sided
+    # permutation p-value of 0.05 or more (within each dataset C(2n, n) equally likely splits).
+    floor = 2 / math.comb(2 * stats["runs"], stats["runs"]) ** len(stats["datasets"])
     if points:
-        lines += ["", "| probability of improvement | P(X > Y) [95% CI] | the interval excludes 0.5 (no difference) |",
+        lines += ["", "| probability of improvement | P(X > Y) [95% CI] | the interval excludes 0.5 (no difference); "
+                  "too few runs: the smallest p-value they allow |",
                   "|---|---|---|"]
         for pair, point in points.items():
             x, y = pair.split(",")
             low, high = np.ravel(intervals[pair])[:2]
-            verdict = "one run per dataset: no verdict" if stats["runs"] < 2 else \
+            verdict = f"too few runs for a verdict: {floor:.2f}" if floor >= 0.05 else \
                 "yes, X better" if low > 0.5 else "yes, Y better" if high < 0.5 else "no"
             lines.append(f"| P({METHOD_LABELS[x]} > {METHOD_LABELS[y]}) | {float(point):.2f} [{low:.2f}, {high:.2f}] | "
                          f"{verdict} |")

@@ -80,7 +80,7 @@ def test_report_writes_tables_and_figures(grid, minari_store, tmp_path):
     assert "## Figure 2: score during fine-tuning, IQL, IQL+SO2, IQL+SUF, IQL+BAQ (" in tables
     assert "| IQL+BAQ | " in tables and "| P(IQL+BAQ > IQL) | " in tables  # the rliable aggregates, leading
     assert tables.index("## Aggregates over every (dataset, seed) run") < tables.index("## Table 1")
-    assert "one run per dataset: no verdict" in tables
+    assert "too few runs for a verdict: 1.00" in tables  # one run on one dataset
     for figure in ("figure2.png", "figure3.png", "curves.png", "adaptive.png", "aggregates.png"):
         assert (tmp_path / "smoke" / figure).stat().st_size > 10_000
 
@@ -151,3 +151,17 @@ def test_aggregates_match_hand_computation():
     improvement = stats["improvement"][0]
     assert improvement["iql-baq,iql"] == pytest.approx(1.0)
     assert improvement["iql-our-s,iql"] == pytest.approx(36 / 64)  # x_i = i + 0.5 beats y_j = j for j <= i
+
+
+@pytest.mark.parametrize("runs, datasets, verdict", [(2, 1, "too few runs for a verdict: 0.33"),
+                                                     (3, 1, "too few runs for a verdict: 0.10"),
+                                                     (4, 1, "yes, X better"), (2, 3, "yes, X better")])
+def test_no_verdict_where_complete_separation_could_be_chance(runs, datasets, verdict):
+    """Every run of BAQ beats every run of IQL: the bootstrap interval is [1, 1] at any size, but with n runs per
+    dataset on d datasets chance alone separates them with probability 2 / C(2n, n)^d (two-sided)."""
+    report = importlib.import_module("benchmark.report")
+    names = [f"d{i}" for i in range(datasets)]
+    final = {(d, m): np.arange(runs) + (10.0 if m == "iql-baq" else 0.0) for d in names for m in ("iql", "iql-baq")}
+    stats = report.aggregates(final, names, ["iql", "iql-baq"], reps=200)
+    row = next(line for line in report.aggregate_lines(stats) if line.startswith("| P(IQL+BAQ > IQL) |"))
+    assert row.endswith(f"| 1.00 [1.00, 1.00] | {verdict} |")
