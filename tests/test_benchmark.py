@@ -147,7 +147,7 @@ def test_aggregates_match_hand_computation():
     np.testing.assert_allclose(stats["points"]["iql"], [4.5, 4.5])  # IQM of 1..8: mean(3, 4, 5, 6)
     np.testing.assert_allclose(stats["points"]["iql-baq"], [14.5, 14.5])
     low, high = stats["intervals"]["iql"][:, 0]
-    assert 1.0 < low <= 4.5 <= high < 8.0
+    assert 1.0 < low <= 4.5 <= high < 8.0  # the interval brackets the IQM and lies strictly inside the runs' range
     improvement = stats["improvement"][0]
     assert improvement["iql-baq,iql"] == pytest.approx(1.0)
     assert improvement["iql-our-s,iql"] == pytest.approx(36 / 64)  # x_i = i + 0.5 beats y_j = j for j <= i

@@ -81,7 +81,7 @@ def test_an_interrupted_ray_grid_resumes(grids, minari_store, ray_address, tmp_p
     leftovers = subprocess.run(["pgrep", "-f", str(root)], capture_output=True, text=True).stdout.split()
     assert leftovers == [], "runs of the interrupted grid are still running"
     finished = len(artifacts(root))
-    assert 1 <= finished < 5
+    assert 1 <= finished < 5  # the first pretraining finished and the interrupt stopped the grid before its end
     resumed = subprocess.run(command, capture_output=True, text=True, env=environment, timeout=600)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert f"5 runs, {finished} already finished" in resumed.stdout and len(artifacts(root)) == 5
