@@ -1,10 +1,12 @@
-# Tables and figures from the runs of benchmark/run.py, read from their TensorBoard event files:
+# Tables and figures from the runs of benchmark/run.py, read from their TensorBoard event files and from the
+# committed run records (benchmark/results/records: each run's curves, a few KB, so a grid can span machines):
 # Table 1 (methods x datasets), Table 2 (CQL, Off2On, Our-S), Figure 2 (IQL, SO2, SUF and BAQ during
 # fine-tuning), every method's curves, Figure 3 (the drop when Our-Q or Our-S is removed from BAQ),
 # the adaptive constraint against BAQ with its lambda_t, and eval/q_bias.
 #
 #   python benchmark/report.py --preset cpu                               # writes benchmark/runs/report/cpu/
 #   python benchmark/report.py --preset cpu --output benchmark/results    # updates the committed results
+#   python benchmark/report.py --preset cpu --save-records                # records this machine's runs, to commit
 import math
 import os
 import textwrap
@@ -48,32 +50,121 @@ class Args:
     output: str = os.path.join(ROOT, "benchmark", "runs", "report")
     """tables and figures go to {output}/{preset}/ (untracked by default; --output benchmark/results updates the
     committed results)"""
+    records: str = os.path.join(ROOT, "benchmark", "results", "records")
+    """committed run records (a few KB of JSON per run: its evaluation curves and its offline checkpoint), read beside
+    the runs under --root, so that a grid spread over machines and sessions is reported whole"""
+    save_records: bool = False
+    """write a record of every finished run under --root into --records (commit them: run folders are large and
+    stay on the machine that ran them)"""
     bootstrap_reps: int = 5000
     """bootstrap replications of the aggregate statistics' confidence intervals"""
 
 
-def read_curves(root: str, missing: List[str] = None) -> Dict:
-    """{(dataset, method): {seed: {tag: (steps, values)}}} for every finished fine-tuning run; each
+def read_runs(root: str, preset: str, missing: List[str] = None) -> List[dict]:
+    """A record (see `record`) of every finished fine-tuning run of run.py's layout under {root}/{preset}; each
     unfinished one is named in `missing`."""
+    import torch
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    curves = defaultdict(dict)
-    missing = [] if missing is None else missing
-    for dataset in sorted(os.listdir(root)) if os.path.isdir(root) else []:
-        for method in [m for m in METHOD_ORDER if os.path.isdir(os.path.join(root, dataset, m))]:
-            for seed_dir in sorted(os.listdir(os.path.join(root, dataset, method))):
-                runs = sorted(d for d in os.listdir(os.path.join(root, dataset, method, seed_dir))
-                              if os.path.isdir(os.path.join(root, dataset, method, seed_dir, d)))
-                if not runs or not os.path.exists(os.path.join(root, dataset, method, seed_dir, runs[-1], "final.pt")):
+    records, missing = [], [] if missing is None else missing
+    top = os.path.join(root, preset)
+    for dataset in sorted(os.listdir(top)) if os.path.isdir(top) else []:
+        for method in [m for m in METHOD_ORDER if os.path.isdir(os.path.join(top, dataset, m))]:
+            for seed_dir in sorted(os.listdir(os.path.join(top, dataset, method))):
+                folder = os.path.join(top, dataset, method, seed_dir)
+                runs = sorted(d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d)))
+                if not runs or not os.path.exists(os.path.join(folder, runs[-1], "final.pt")):
                     missing.append(f"{short_name(dataset)} {METHOD_LABELS[method]} {seed_dir}")
                     continue
-                accumulator = EventAccumulator(os.path.join(root, dataset, method, seed_dir, runs[-1]), size_guidance={"scalars": 0})
+                run_args = torch.load(os.path.join(folder, runs[-1], "final.pt"), map_location="cpu", weights_only=True)["args"]
+                accumulator = EventAccumulator(os.path.join(folder, runs[-1]), size_guidance={"scalars": 0})
                 accumulator.Reload()
-                tags = accumulator.Tags()["scalars"]
-                curves[(dataset, method)][seed_dir] = {
-                    tag: (np.array([e.step for e in accumulator.Scalars(tag)]), np.array([e.value for e in accumulator.Scalars(tag)]))
-                    for tag in ("eval/normalized_score", "eval/return", "eval/q_bias", "baq/constraint_coef") if tag in tags}
-    return curves
+                scalars = {tag: [[e.step, e.value] for e in accumulator.Scalars(tag)]
+                           for tag in RECORDED_TAGS if tag in accumulator.Tags()["scalars"]}
+                records.append(record(preset, dataset, method, run_args, runs[-1], scalars))
+    return records
+
+
+RECORDED_TAGS = ("eval/normalized_score", "eval/return", "eval/q_bias", "baq/constraint_coef")
+
+
+def record(preset: str, dataset: str, method: str, run_args: dict, run: str, scalars: dict) -> dict:
+    """What the report needs of one run, a few KB of JSON: its evaluation curves, and which offline checkpoint it
+    fine-tuned (all methods of one (dataset, seed) share it, so runs are paired by it across methods)."""
+    import platform
+
+    offline = run_args.get("offline_checkpoint")
+    return {"format": RECORD_FORMAT, "preset": preset, "dataset": dataset, "method": method, "seed": run_args["seed"],
+            "run": run, "offline_run": os.path.basename(os.path.dirname(offline)) if offline else run,
+            "scalars": scalars, "recorded_on": {"cpu": cpu_name(), "python": platform.python_version()}}
+
+
+RECORD_FORMAT = "baq-run-record-1"
+
+
+def cpu_name() -> str:
+    """The CPU's model name (same-seed runs are bit-identical only on the same kind of machine)."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+def run_key(run: dict) -> str:
+    """One run's name in a cell: its seed and the offline checkpoint it started from (the pretraining run's
+    start time), so that seed 1 run on two machines counts as two runs, and methods pair by checkpoint."""
+    return f"seed{run['seed']} ({run['offline_run'].rsplit('__', 1)[-1]})"
+
+
+def read_records(folder: str, preset: str) -> List[dict]:
+    """The committed records under {folder}/{preset}; a file that is not one stops the report with its name."""
+    import json
+
+    records = []
+    for directory, _, files in sorted(os.walk(os.path.join(folder, preset))):
+        for name in sorted(f for f in files if f.endswith(".json")):
+            path = os.path.join(directory, name)
+            try:
+                with open(path) as f:
+                    loaded = json.load(f)
+                if loaded.get("format") != RECORD_FORMAT or loaded["method"] not in METHOD_LABELS:
+                    raise ValueError(f"format {loaded.get('format')!r}, method {loaded.get('method')!r}")
+                for tag, points in loaded["scalars"].items():
+                    if not points or any(len(point) != 2 for point in points):
+                        raise ValueError(f"{tag} is not a list of [step, value] pairs")
+                records.append(loaded)
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+                raise SystemExit(f"error: {path} is not a run record of this report ({type(err).__name__}: {err}). "
+                                 f"Records are written by `python benchmark/report.py --save-records`; restore the "
+                                 f"file from git (`git checkout -- {path}`) or delete it.")
+    return records
+
+
+def save_records(records: List[dict], folder: str):
+    """Each record to {folder}/{preset}/{dataset}/{method}/{run}.json, written to a temporary file and renamed."""
+    import json
+
+    for run in records:
+        directory = os.path.join(folder, run["preset"], run["dataset"], run["method"])
+        os.makedirs(directory, exist_ok=True)
+        path = os.path.join(directory, f"{run['run']}.json")
+        with open(f"{path}.tmp", "w") as f:
+            json.dump(run, f, separators=(",", ":"))
+        os.replace(f"{path}.tmp", path)
+
+
+def curves_of(records: List[dict]) -> Dict:
+    """{(dataset, method): {run_key: {tag: (steps, values)}}}; a later record of the same key replaces an earlier
+    one (a run folder's over a committed copy of it)."""
+    curves = defaultdict(dict)
+    for run in records:
+        curves[(run["dataset"], run["method"])][run_key(run)] = {
+            tag: (np.array([p[0] for p in points]), np.array([p[1] for p in points], dtype=float))
+            for tag, points in run["scalars"].items()}
+    return {key: dict(sorted(runs.items())) for key, runs in curves.items()}
 
 
 def score_tag(curves) -> str:
@@ -86,6 +177,14 @@ def statistic(curves, tag: str, kind: str) -> Dict:
     """{(dataset, method): per-seed values}: the last evaluation ("final") or the mean of all ("mean")."""
     pick = (lambda values: values[-1]) if kind == "final" else np.mean
     return {key: np.array([pick(run[tag][1]) for run in runs.values()]) for key, runs in curves.items()}
+
+
+def paired_finals(curves, tag: str, dataset: str, algo: str, variant: str):
+    """Final scores of {algo}-{variant} on the runs that BAQ and both ablations share (same seed and offline
+    checkpoint), in one order, so that differences pair runs from the same checkpoint."""
+    shared = set.intersection(*(set(curves[(dataset, f"{algo}-{m}")]) for m in ("baq", "our-q", "our-s")))
+    runs = curves[(dataset, f"{algo}-{variant}")]
+    return np.array([runs[key][tag][1][-1] for key in sorted(shared)])
 
 
 def cell(values) -> str:
@@ -310,10 +409,16 @@ def save(figure, path: str):
 
 def main(args: Args):
     missing = []
-    curves = read_curves(os.path.join(args.root, args.preset), missing)
+    runs = read_runs(args.root, args.preset, missing)
+    if args.save_records:
+        save_records(runs, args.records)
+        print(f"recorded {len(runs)} runs in {os.path.join(args.records, args.preset)}")
+    committed = read_records(args.records, args.preset)
+    curves = curves_of(committed + runs)
     if not curves:
-        raise SystemExit(f"error: no finished runs under {os.path.join(args.root, args.preset)}. Run "
-                         f"`python benchmark/run.py --preset {args.preset}` first (or pass --root).")
+        raise SystemExit(f"error: no finished runs under {os.path.join(args.root, args.preset)} and no records under "
+                         f"{os.path.join(args.records, args.preset)}. Run `python benchmark/run.py --preset "
+                         f"{args.preset}` first (or pass --root / --records).")
     output = os.path.join(args.output, args.preset)
     os.makedirs(output, exist_ok=True)
     tag = score_tag(curves)
@@ -344,11 +449,9 @@ def main(args: Args):
     for algo in ("iql", "cql"):
         for dataset in datasets:
             if all((dataset, f"{algo}-{m}") in final for m in ("baq", "our-q", "our-s")):
-                baq, our_q, our_s = (final[(dataset, f"{algo}-{m}")] for m in ("baq", "our-q", "our-s"))
-                seeds_paired = min(len(baq), len(our_q), len(our_s))
-                drops[f"{algo.upper()} {short_name(dataset)}"] = {
-                    "without Our-Q": baq[:seeds_paired] - our_s[:seeds_paired],
-                    "without Our-S": baq[:seeds_paired] - our_q[:seeds_paired]}
+                baq, our_q, our_s = (paired_finals(curves, tag, dataset, algo, m) for m in ("baq", "our-q", "our-s"))
+                if len(baq):
+                    drops[f"{algo.upper()} {short_name(dataset)}"] = {"without Our-Q": baq - our_s, "without Our-S": baq - our_q}
     if drops:
         lines += ["## Figure 3: the drop when a component is removed (final score of BAQ minus the ablation)", "",
                   "| | without Our-Q (= BAQ - Our-S) | without Our-S (= BAQ - Our-Q) |", "|---|---|---|"]

@@ -1,5 +1,6 @@
 """benchmark/run.py and benchmark/report.py: the smoke preset end to end on the tiny dataset."""
 import importlib
+import json
 import os
 import subprocess
 import sys
@@ -7,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, read_scalars
 
 METHODS = ["iql", "iql-so2", "iql-suf", "iql-baq", "iql-our-q", "iql-our-s", "iql-baq-adaptive", "cql", "cql-off2on"]
 BASELINES = ["iql-so2", "iql-suf", "cql-off2on"]
@@ -83,6 +84,58 @@ def test_report_writes_tables_and_figures(grid, minari_store, tmp_path):
     assert "too few runs for a verdict: 1.00" in tables  # one run on one dataset
     for figure in ("figure2.png", "figure3.png", "curves.png", "adaptive.png", "aggregates.png"):
         assert (tmp_path / "smoke" / figure).stat().st_size > 10_000
+
+
+def test_records_carry_a_grid_to_a_machine_without_its_runs(grid, minari_store, tmp_path):
+    """--save-records keeps each run's curves in a few KB of JSON; a report from the records alone (the run
+    folders gone, as on a new machine) is the report from the runs."""
+    root, _ = grid
+    records, from_runs, from_records = tmp_path / "records", tmp_path / "from-runs", tmp_path / "from-records"
+    saved = benchmark("report.py", minari_store, "--preset", "smoke", "--root", str(root), "--records", str(records),
+                      "--save-records", "--output", str(from_runs), "--bootstrap-reps", "200")
+    assert saved.returncode == 0, saved.stdout + saved.stderr
+    files = sorted(records.glob("smoke/baq-hopper-tiny-v0/*/*.json"))
+    assert [f.parent.name for f in files] == sorted(METHODS) and all(f.stat().st_size < 20_000 for f in files)
+    run = next(root.glob("smoke/baq-hopper-tiny-v0/iql-baq/seed1/*/final.pt")).parent
+    saved_run = json.loads((records / "smoke" / "baq-hopper-tiny-v0" / "iql-baq" / f"{run.name}.json").read_text())
+    offline = next(root.glob("smoke/baq-hopper-tiny-v0/pretrain-iql/seed1/*/offline.pt")).parent.name
+    assert saved_run["seed"] == 1 and saved_run["offline_run"] == offline
+    assert saved_run["scalars"]["eval/normalized_score"] == [list(p) for p in read_scalars(run)["eval/normalized_score"]]
+    alone = benchmark("report.py", minari_store, "--preset", "smoke", "--root", str(tmp_path / "gone"), "--records",
+                      str(records), "--output", str(from_records), "--bootstrap-reps", "200")
+    assert alone.returncode == 0, alone.stdout + alone.stderr
+    assert (from_records / "smoke" / "tables.md").read_text() == (from_runs / "smoke" / "tables.md").read_text()
+
+
+def test_a_broken_record_is_named_with_the_fix(minari_store, tmp_path):
+    broken = tmp_path / "records" / "smoke" / "baq-hopper-tiny-v0" / "iql" / "run.json"
+    broken.parent.mkdir(parents=True)
+    broken.write_text('{"format": "baq-run-record-1", "method": "iql", "scalars": {"eval/return": [[0, 1.0, 2.0]]}}')
+    result = benchmark("report.py", minari_store, "--preset", "smoke", "--root", str(tmp_path), "--records",
+                       str(tmp_path / "records"), "--output", str(tmp_path))
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert result.stderr.startswith(f"error: {broken} is not a run record") and "git checkout --" in result.stderr
+
+
+def run_record(method, seed, offline_run, final_score):
+    return {"dataset": "d", "method": method, "seed": seed, "offline_run": offline_run,
+            "scalars": {"eval/normalized_score": [[0, 50.0], [100, final_score]]}}
+
+
+def test_runs_are_told_apart_by_seed_and_offline_checkpoint_and_paired_by_them():
+    """Seed 1 on two machines (two offline checkpoints) is two runs; a run folder replaces its committed record;
+    Figure 3 subtracts runs that started from the same checkpoint, whatever else the cells hold."""
+    report = importlib.import_module("benchmark.report")
+    records = [run_record("iql-baq", 1, "d__offline-iql__1__100", 70.0), run_record("iql-baq", 1, "d__offline-iql__1__200", 90.0),
+               run_record("iql-baq", 1, "d__offline-iql__1__200", 80.0),  # the same run, read again from its folder
+               run_record("iql-our-q", 1, "d__offline-iql__1__200", 60.0), run_record("iql-our-q", 2, "d__offline-iql__2__300", 10.0),
+               run_record("iql-our-s", 1, "d__offline-iql__1__200", 75.0), run_record("iql-our-s", 1, "d__offline-iql__1__100", 0.0)]
+    curves = report.curves_of(records)
+    assert list(curves[("d", "iql-baq")]) == ["seed1 (100)", "seed1 (200)"]
+    assert curves[("d", "iql-baq")]["seed1 (200)"]["eval/normalized_score"][1][-1] == 80.0
+    tag = "eval/normalized_score"
+    baq, our_q, our_s = (report.paired_finals(curves, tag, "d", "iql", m) for m in ("baq", "our-q", "our-s"))
+    assert (baq - our_q).tolist() == [20.0] and (baq - our_s).tolist() == [5.0]
 
 
 def test_report_without_runs_says_what_to_do(minari_store, tmp_path):
