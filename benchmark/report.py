@@ -12,7 +12,7 @@ import os
 import textwrap
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Dict, List, Literal
+from typing import Dict, List, Literal, Optional
 
 import numpy as np
 import tyro
@@ -64,9 +64,8 @@ def read_runs(root: str, preset: str, missing: List[str] = None) -> List[dict]:
     """A record (see `record`) of every finished fine-tuning run of run.py's layout under {root}/{preset}; each
     unfinished one is named in `missing`."""
     import torch
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    records, missing = [], [] if missing is None else missing
+    records, missing, offline_scores = [], [] if missing is None else missing, {}
     top = os.path.join(root, preset)
     for dataset in sorted(os.listdir(top)) if os.path.isdir(top) else []:
         for method in [m for m in METHOD_ORDER if os.path.isdir(os.path.join(top, dataset, m))]:
@@ -77,26 +76,51 @@ def read_runs(root: str, preset: str, missing: List[str] = None) -> List[dict]:
                     missing.append(f"{short_name(dataset)} {METHOD_LABELS[method]} {seed_dir}")
                     continue
                 run_args = torch.load(os.path.join(folder, runs[-1], "final.pt"), map_location="cpu", weights_only=True)["args"]
-                accumulator = EventAccumulator(os.path.join(folder, runs[-1]), size_guidance={"scalars": 0})
-                accumulator.Reload()
-                scalars = {tag: [[e.step, e.value] for e in accumulator.Scalars(tag)]
-                           for tag in RECORDED_TAGS if tag in accumulator.Tags()["scalars"]}
-                records.append(record(preset, dataset, method, run_args, runs[-1], scalars))
+                offline = run_args.get("offline_checkpoint")
+                if offline and offline not in offline_scores:
+                    offline_scores[offline] = offline_evaluation(offline)
+                records.append(record(preset, dataset, method, run_args, runs[-1],
+                                      scalars_of(os.path.join(folder, runs[-1]), RECORDED_TAGS), offline_scores.get(offline)))
     return records
 
 
 RECORDED_TAGS = ("eval/normalized_score", "eval/return", "eval/q_bias", "baq/constraint_coef")
 
 
-def record(preset: str, dataset: str, method: str, run_args: dict, run: str, scalars: dict) -> dict:
+def scalars_of(run_dir: str, tags) -> Dict[str, list]:
+    """{tag: [[step, value], ...]} of the tags a run's event file has."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(run_dir, size_guidance={"scalars": 0})
+    accumulator.Reload()
+    return {tag: [[e.step, e.value] for e in accumulator.Scalars(tag)] for tag in tags if tag in accumulator.Tags()["scalars"]}
+
+
+def offline_evaluation(checkpoint: str) -> Optional[dict]:
+    """The offline checkpoint's own last evaluation (offline_pretrain.py's, over its --eval-episodes), or None where
+    its run folder is gone."""
+    import torch
+
+    if not os.path.exists(checkpoint):
+        return None
+    episodes = torch.load(checkpoint, map_location="cpu", weights_only=True)["args"]["eval_episodes"]
+    scalars = scalars_of(os.path.dirname(checkpoint), ("offline/eval/normalized_score", "offline/eval/return"))
+    tag = next(iter(scalars), None)
+    return {"tag": tag.removeprefix("offline/"), "step": scalars[tag][-1][0], "value": scalars[tag][-1][1],
+            "episodes": episodes} if tag else None
+
+
+def record(preset: str, dataset: str, method: str, run_args: dict, run: str, scalars: dict, offline_eval) -> dict:
     """What the report needs of one run, a few KB of JSON: its evaluation curves, and which offline checkpoint it
-    fine-tuned (all methods of one (dataset, seed) share it, so runs are paired by it across methods)."""
+    fine-tuned (all methods of one (dataset, seed) share it, so runs are paired by it across methods) with that
+    checkpoint's own evaluation."""
     import platform
 
     offline = run_args.get("offline_checkpoint")
     return {"format": RECORD_FORMAT, "preset": preset, "dataset": dataset, "method": method, "seed": run_args["seed"],
             "run": run, "offline_run": os.path.basename(os.path.dirname(offline)) if offline else run,
-            "scalars": scalars, "recorded_on": {"cpu": cpu_name(), "python": platform.python_version()}}
+            "offline_eval": offline_eval, "scalars": scalars,
+            "recorded_on": {"cpu": cpu_name(), "python": platform.python_version()}}
 
 
 RECORD_FORMAT = "baq-run-record-1"
@@ -276,6 +300,25 @@ def aggregates(final: Dict, datasets: List[str], methods: List[str], reps: int, 
     return {"datasets": common, "runs": runs, "points": points, "intervals": intervals, "improvement": improvement}
 
 
+def offline_lines(records: List[dict]) -> List[str]:
+    """Each offline checkpoint's own evaluation, per dataset and backbone: where every method of a seed starts."""
+    checkpoints = defaultdict(dict)
+    for run in records:
+        if run.get("offline_eval"):
+            checkpoints[(run["dataset"], backbone(run["method"]))][run_key(run)] = run["offline_eval"]
+    if not checkpoints:
+        return []
+    lines = ["## Offline checkpoints: their own evaluation at the end of offline pretraining", "",
+             "Every method of one (dataset, seed) fine-tunes the same checkpoint; its quality varies between seeds and "
+             "machines, so compare methods within a checkpoint.", "",
+             "| dataset | backbone | checkpoint: score (evaluation episodes) | mean ± std |", "|---|---|---|---|"]
+    for (dataset, algo), runs in sorted(checkpoints.items()):
+        values = np.array([e["value"] for e in runs.values()])
+        lines.append(f"| {short_name(dataset)} | {algo.upper()} | " + ", ".join(
+            f"{key}: {e['value']:.1f} ({e['episodes']})" for key, e in sorted(runs.items())) + f" | {cell(values)} |")
+    return lines + [""]
+
+
 def aggregate_lines(stats) -> List[str]:
     names = [f"{len(stats['datasets'])} datasets ({', '.join(short_name(d) for d in stats['datasets'])}) x "
              f"{stats['runs']} seed{'s' if stats['runs'] > 1 else ''}"]
@@ -438,6 +481,7 @@ def main(args: Args):
     if stats:  # the field's few-run statistics lead
         lines += aggregate_lines(stats)
         plot_aggregates(stats, os.path.join(output, "aggregates.png"), f"Aggregates, {title}")
+    lines += offline_lines(committed + runs)
     for kind, when in (("final", "at the end of the online budget"),
                        ("mean", "averaged over the evaluations of the online phase (online step 0 included)")):
         values = statistic(curves, tag, kind)

@@ -49,12 +49,15 @@ PAPER_DATASETS = [f"baq/{env}/{level}-v0" for env in ("halfcheetah", "hopper", "
                   for level in ("medium", "medium-replay", "medium-expert")]
 PRESETS = {
     # minutes on tiny datasets; what the tests run
-    "smoke": dict(offline_steps=60, bc_steps=40, online_steps=70, eval_every=35, eval_episodes=2, seeds=1,
-                  extra=["--hidden-dim", "32", "--batch-size", "32", "--log-every", "20", "--no-compile"]),
+    "smoke": dict(offline_steps=60, bc_steps=40, online_steps=70, eval_every=35, eval_episodes=2, offline_eval_episodes=3,
+                  seeds=1, extra=["--hidden-dim", "32", "--batch-size", "32", "--log-every", "20", "--no-compile"]),
     # a few hours on a 2-core CPU for one dataset and the four IQL variants, two seeds
-    "cpu": dict(offline_steps=100_000, bc_steps=50_000, online_steps=30_000, eval_every=5_000, eval_episodes=10, seeds=2, extra=[]),
-    # the paper's budgets
-    "paper": dict(offline_steps=1_000_000, bc_steps=100_000, online_steps=30_000, eval_every=5_000, eval_episodes=10, seeds=4, extra=[]),
+    "cpu": dict(offline_steps=100_000, bc_steps=50_000, online_steps=30_000, eval_every=5_000, eval_episodes=10,
+                offline_eval_episodes=30, seeds=2, extra=[]),
+    # the paper's budgets; offline checkpoints are scored over 30 episodes (their quality varies widely between seeds
+    # and machines, and 10 episodes would not tell it from evaluation noise), fine-tuning evaluations over 10
+    "paper": dict(offline_steps=1_000_000, bc_steps=100_000, online_steps=30_000, eval_every=5_000, eval_episodes=10,
+                  offline_eval_episodes=30, seeds=4, extra=[]),
 }
 
 
@@ -120,7 +123,7 @@ def plan(args: Args) -> List[Job]:
     for dataset in datasets:
         base = os.path.join(args.root, args.preset, dataset.replace("/", "-"))
         for seed in range(1, (args.seeds or preset["seeds"]) + 1):
-            common = ["--env-id", dataset, "--seed", str(seed), "--eval-episodes", str(preset["eval_episodes"]), *preset["extra"]]
+            common = ["--env-id", dataset, "--seed", str(seed), *preset["extra"]]
             bc_extra = [f for f in preset["extra"] if f != "--no-compile"]
             bc = Job(f"{dataset} bc seed{seed}", os.path.join(base, "pretrain-bc", f"seed{seed}"), "bc.pt",
                      [python, os.path.join(ROOT, "bc_pretrain.py"), "--env-id", dataset, "--seed", str(seed),
@@ -132,13 +135,14 @@ def plan(args: Args) -> List[Job]:
                 offline[algo] = Job(f"{dataset} offline-{algo} seed{seed}", os.path.join(base, f"pretrain-{algo}", f"seed{seed}"),
                                     "offline.pt", [python, os.path.join(ROOT, "offline_pretrain.py"), "--algo", algo, *common,
                                                    *script_flags(preset, "offline_steps"), "--offline-eval-every", "0",
+                                                   "--eval-episodes", str(preset["offline_eval_episodes"]),
                                                    *(["--no-compile"] if algo == "cql" else [])])  # as baq_cql.py
                 jobs.append(offline[algo])
             for method in args.methods:
                 algo, script, flags = METHODS[method]
                 jobs.append(Job(f"{dataset} {method} seed{seed}", os.path.join(base, method, f"seed{seed}"), "final.pt",
                                 [python, os.path.join(ROOT, script), *common, "--exp-name", method, *flags,
-                                 *script_flags(preset, "online_steps", "eval_every")],
+                                 *script_flags(preset, "online_steps", "eval_every", "eval_episodes")],
                                 needs=[offline[algo], bc] if script.startswith("baq_") else [offline[algo]]))
     return jobs
 

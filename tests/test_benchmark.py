@@ -76,7 +76,8 @@ def test_report_writes_tables_and_figures(grid, minari_store, tmp_path):
     assert lines.count(table1 + " Off2On |") == 1  # the q_bias table has every method
     assert "at the end of the online budget" in tables and "averaged over the evaluations" in tables
     rows = [line for line in lines if line.startswith("| hopper-tiny |")]
-    assert [len(row.split("|")) for row in rows] == [11, 5, 11, 5, 12] and all("(1 run)" in row for row in rows)
+    # the offline checkpoints of IQL and CQL, Table 1 and Table 2 twice, the q_bias table
+    assert [len(row.split("|")) for row in rows] == [6, 6, 11, 5, 11, 5, 12] and all("(1 run)" in row for row in rows)
     assert "| IQL hopper-tiny |" in tables  # Figure 3's table
     assert "## Figure 2: score during fine-tuning, IQL, IQL+SO2, IQL+SUF, IQL+BAQ (" in tables
     assert "| IQL+BAQ | " in tables and "| P(IQL+BAQ > IQL) | " in tables  # the rliable aggregates, leading
@@ -98,13 +99,18 @@ def test_records_carry_a_grid_to_a_machine_without_its_runs(grid, minari_store, 
     assert [f.parent.name for f in files] == sorted(METHODS) and all(f.stat().st_size < 20_000 for f in files)
     run = next(root.glob("smoke/baq-hopper-tiny-v0/iql-baq/seed1/*/final.pt")).parent
     saved_run = json.loads((records / "smoke" / "baq-hopper-tiny-v0" / "iql-baq" / f"{run.name}.json").read_text())
-    offline = next(root.glob("smoke/baq-hopper-tiny-v0/pretrain-iql/seed1/*/offline.pt")).parent.name
-    assert saved_run["seed"] == 1 and saved_run["offline_run"] == offline
+    offline = next(root.glob("smoke/baq-hopper-tiny-v0/pretrain-iql/seed1/*/offline.pt")).parent
+    assert saved_run["seed"] == 1 and saved_run["offline_run"] == offline.name
+    offline_score = read_scalars(offline)["offline/eval/normalized_score"][-1][1]  # over the preset's 3 episodes
+    assert saved_run["offline_eval"] == {"tag": "eval/normalized_score", "step": 60, "value": offline_score, "episodes": 3}
     assert saved_run["scalars"]["eval/normalized_score"] == [list(p) for p in read_scalars(run)["eval/normalized_score"]]
     alone = benchmark("report.py", minari_store, "--preset", "smoke", "--root", str(tmp_path / "gone"), "--records",
                       str(records), "--output", str(from_records), "--bootstrap-reps", "200")
     assert alone.returncode == 0, alone.stdout + alone.stderr
-    assert (from_records / "smoke" / "tables.md").read_text() == (from_runs / "smoke" / "tables.md").read_text()
+    tables = (from_records / "smoke" / "tables.md").read_text()
+    assert tables == (from_runs / "smoke" / "tables.md").read_text()
+    stamp = offline.name.rsplit("__", 1)[-1]
+    assert f"| hopper-tiny | IQL | seed1 ({stamp}): {offline_score:.1f} (3) | {offline_score:.1f} (1 run) |" in tables
 
 
 def test_a_broken_record_is_named_with_the_fix(minari_store, tmp_path):
