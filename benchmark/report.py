@@ -9,6 +9,7 @@
 #   python benchmark/report.py --preset cpu --save-records                # records this machine's runs, to commit
 import math
 import os
+import platform
 import textwrap
 from collections import defaultdict
 from dataclasses import dataclass
@@ -114,8 +115,6 @@ def record(preset: str, dataset: str, method: str, run_args: dict, run: str, sca
     """What the report needs of one run, a few KB of JSON: its evaluation curves, and which offline checkpoint it
     fine-tuned (all methods of one (dataset, seed) share it, so runs are paired by it across methods) with that
     checkpoint's own evaluation."""
-    import platform
-
     offline = run_args.get("offline_checkpoint")
     return {"format": RECORD_FORMAT, "preset": preset, "dataset": dataset, "method": method, "seed": run_args["seed"],
             "run": run, "offline_run": os.path.basename(os.path.dirname(offline)) if offline else run,
@@ -128,8 +127,6 @@ RECORD_FORMAT = "baq-run-record-1"
 
 def cpu_name() -> str:
     """The CPU's model name (same-seed runs are bit-identical only on the same kind of machine)."""
-    import platform
-
     try:
         with open("/proc/cpuinfo") as f:
             return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
@@ -270,23 +267,43 @@ def backbone(method: str) -> str:
     return method.split("-")[0]
 
 
+def aggregate_groups(final: Dict, datasets: List[str], methods: List[str]) -> List[tuple]:
+    """The (datasets, methods) each aggregate covers. rliable compares methods over one set of datasets, and a grid
+    is uneven (the baselines run on the medium datasets only, seeds arrive over sessions), so per backbone the first
+    group takes the datasets where the backbone and its BAQ ran, with every method of that backbone that ran on all
+    of them; if that leaves some of its methods out, a second group compares all of them where all ran."""
+    def covering(group):
+        return [d for d in datasets if all((d, m) in final for m in group)]
+
+    groups = []
+    for algo in ("iql", "cql"):
+        family = [m for m in methods if backbone(m) == algo]
+        lead = covering([m for m in (algo, f"{algo}-baq") if m in family] or family)
+        members = [m for m in family if all((d, m) in final for d in lead)]
+        if lead and members:
+            groups.append((lead, members))
+        everywhere = covering(family)
+        if everywhere and members != family:
+            groups.append((everywhere, family))
+    return groups
+
+
 def aggregates(final: Dict, datasets: List[str], methods: List[str], reps: int, seed: int = 0):
     """rliable's few-run statistics of the final scores over every (dataset, seed) run: per method the
     interquartile mean and the mean with 95% stratified bootstrap intervals (runs resampled within each
     dataset), and for each BAQ variant the probability of improvement over its backbone, P(X > Y) (the
     Mann-Whitney probability that a run of X beats a run of Y on a dataset, averaged over datasets), with its
-    interval. Only datasets where every method ran count, each with the smallest seed count among them."""
+    interval. Every method must have run on every one of `datasets`; each counts as many runs as its fewest on
+    one of them (the bootstrap resamples within datasets, so a method's runs form a runs x datasets matrix), and
+    methods may differ in that count."""
     import warnings
 
     from rliable import library as rly
     from rliable import metrics
 
     warnings.filterwarnings("ignore", category=FutureWarning, module="arch")  # rliable passes a RandomState
-    common = [d for d in datasets if all((d, m) in final for m in methods)]
-    if not common:
-        return None
-    runs = min(len(final[(d, m)]) for d in common for m in methods)
-    scores = {m: np.stack([final[(d, m)][:runs] for d in common], axis=1) for m in methods}  # [runs, datasets]
+    runs = {m: min(len(final[(d, m)]) for d in datasets) for m in methods}
+    scores = {m: np.stack([final[(d, m)][:runs[m]] for d in datasets], axis=1) for m in methods}  # [runs, datasets]
 
     def iqm_and_mean(x):
         return np.array([metrics.aggregate_iqm(x), metrics.aggregate_mean(x)])
@@ -297,7 +314,7 @@ def aggregates(final: Dict, datasets: List[str], methods: List[str], reps: int, 
     improvement = rly.get_interval_estimates({f"{x},{y}": v for (x, y), v in pairs.items()},
                                              metrics.probability_of_improvement, reps=reps,
                                              random_state=np.random.RandomState(seed + 1)) if pairs else ({}, {})
-    return {"datasets": common, "runs": runs, "points": points, "intervals": intervals, "improvement": improvement}
+    return {"datasets": datasets, "runs": runs, "points": points, "intervals": intervals, "improvement": improvement}
 
 
 def offline_lines(records: List[dict]) -> List[str]:
@@ -319,62 +336,74 @@ def offline_lines(records: List[dict]) -> List[str]:
     return lines + [""]
 
 
+def plural(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
 def aggregate_lines(stats) -> List[str]:
-    names = [f"{len(stats['datasets'])} datasets ({', '.join(short_name(d) for d in stats['datasets'])}) x "
-             f"{stats['runs']} seed{'s' if stats['runs'] > 1 else ''}"]
-    lines = ["## Aggregates over every (dataset, seed) run: final score, 95% stratified bootstrap intervals (rliable)", "",
-             f"Over {names[0]}. IQM: the mean of the middle 50% of runs, robust to one outlier seed.", "",
-             "| method | IQM [95% CI] | mean [95% CI] |", "|---|---|---|"]
+    counts = sorted(set(stats["runs"].values()))
+    seeds = "/".join(map(str, counts)) + f" seed{'' if counts == [1] else 's'}"
+    family = ", ".join(METHOD_LABELS[m] for m in stats["points"])
+    lines = [f"## Aggregates over every (dataset, seed) run of {family}: final score, 95% stratified bootstrap "
+             "intervals (rliable)", "",
+             f"Over {plural(len(stats['datasets']), 'dataset')} ({', '.join(short_name(d) for d in stats['datasets'])}) "
+             f"x {seeds}. IQM: the mean of the middle 50% of runs, robust to one outlier seed.", "",
+             "| method | runs | IQM [95% CI] | mean [95% CI] |", "|---|---|---|---|"]
     for method, point in stats["points"].items():
         low, high = stats["intervals"][method]
-        lines.append(f"| {METHOD_LABELS[method]} | {point[0]:.1f} [{low[0]:.1f}, {high[0]:.1f}] | "
-                     f"{point[1]:.1f} [{low[1]:.1f}, {high[1]:.1f}] |")
+        lines.append(f"| {METHOD_LABELS[method]} | {stats['runs'][method] * len(stats['datasets'])} | "
+                     f"{point[0]:.1f} [{low[0]:.1f}, {high[0]:.1f}] | {point[1]:.1f} [{low[1]:.1f}, {high[1]:.1f}] |")
     points, intervals = stats["improvement"]
-    # With few runs a bootstrap interval collapses whenever every run of X beats every run of Y (2 seeds: 4 pairs)
-    # although chance alone does that often; no verdict where even that complete separation would have a two-sided
-    # permutation p-value of 0.05 or more (within each dataset C(2n, n) equally likely splits).
-    floor = 2 / math.comb(2 * stats["runs"], stats["runs"]) ** len(stats["datasets"])
     if points:
         lines += ["", "| probability of improvement | P(X > Y) [95% CI] | the interval excludes 0.5 (no difference); "
                   "too few runs: the smallest p-value they allow |",
                   "|---|---|---|"]
         for pair, point in points.items():
             x, y = pair.split(",")
+            # With few runs a bootstrap interval collapses whenever every run of X beats every run of Y (2 seeds
+            # each: 4 pairs) although chance alone does that often; no verdict where even that complete separation
+            # has a two-sided permutation p-value of 0.05 or more (within each dataset C(n_x + n_y, n_x) equally
+            # likely splits).
+            floor = 2 / math.comb(stats["runs"][x] + stats["runs"][y], stats["runs"][x]) ** len(stats["datasets"])
             low, high = np.ravel(intervals[pair])[:2]
             verdict = f"too few runs for a verdict: {floor:.2f}" if floor >= 0.05 else \
                 "yes, X better" if low > 0.5 else "yes, Y better" if high < 0.5 else "no"
             lines.append(f"| P({METHOD_LABELS[x]} > {METHOD_LABELS[y]}) | {float(point):.2f} [{low:.2f}, {high:.2f}] | "
                          f"{verdict} |")
-    return lines + ["", "![aggregates](aggregates.png)", ""]
+    return lines + [""]
 
 
-def plot_aggregates(stats, path: str, title: str):
-    """The aggregate intervals: IQM, mean, and the probabilities of improvement (0.5: no difference)."""
+def plot_aggregates(groups: List[dict], path: str, title: str):
+    """The aggregate intervals, one row per group of methods: IQM, mean, and the probabilities of improvement
+    (0.5: no difference)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    points, intervals = stats["improvement"]
-    panels = 3 if points else 2
-    methods = list(stats["points"])
-    figure, axes = plt.subplots(1, panels, figsize=(4.2 * panels, 0.45 * max(len(methods), len(points)) + 1.4))
-    for column, name in enumerate(("IQM", "mean")):
-        for row, method in enumerate(methods):
-            low, high = stats["intervals"][method][:, column]
-            axes[column].plot([low, high], [row, row], linewidth=6, alpha=0.5)
-            axes[column].plot(stats["points"][method][column], row, "k|", markersize=12)
-        axes[column].set_yticks(range(len(methods)), [METHOD_LABELS[m] for m in methods], fontsize=7)
-        axes[column].set_xlabel(f"{name} of the final score", fontsize=8)
-    if points:
+    height = sum(0.45 * max(len(stats["points"]), len(stats["improvement"][0])) + 1.0 for stats in groups) + 0.6
+    figure, axes = plt.subplots(len(groups), 3, figsize=(12.6, height), squeeze=False)
+    for stats, row_axes in zip(groups, axes):
+        methods, (points, intervals) = list(stats["points"]), stats["improvement"]
+        datasets = f"over {plural(len(stats['datasets']), 'dataset')}"
+        for column, name in enumerate(("IQM", "mean")):
+            for row, method in enumerate(methods):
+                low, high = stats["intervals"][method][:, column]
+                row_axes[column].plot([low, high], [row, row], linewidth=6, alpha=0.5)
+                row_axes[column].plot(stats["points"][method][column], row, "k|", markersize=12)
+            row_axes[column].set_yticks(range(len(methods)), [METHOD_LABELS[m] for m in methods], fontsize=7)
+            row_axes[column].set_xlabel(f"{name} of the final score, {datasets}", fontsize=8)
+        if not points:
+            row_axes[2].axis("off")
+            continue
         for row, (pair, point) in enumerate(points.items()):
             low, high = np.ravel(intervals[pair])[:2]
-            axes[2].plot([low, high], [row, row], linewidth=6, alpha=0.5)
-            axes[2].plot(float(point), row, "k|", markersize=12)
-        axes[2].axvline(0.5, color="black", linewidth=0.8, linestyle="--")
+            row_axes[2].plot([low, high], [row, row], linewidth=6, alpha=0.5)
+            row_axes[2].plot(float(point), row, "k|", markersize=12)
+        row_axes[2].axvline(0.5, color="black", linewidth=0.8, linestyle="--")
         labels = [f"P({METHOD_LABELS[p.split(',')[0]]} > {METHOD_LABELS[p.split(',')[1]]})" for p in points]
-        axes[2].set_yticks(range(len(points)), labels, fontsize=7)
-        axes[2].set_xlabel("probability of improvement", fontsize=8)
+        row_axes[2].set_yticks(range(len(points)), labels, fontsize=7)
+        row_axes[2].set_xlabel(f"probability of improvement, {datasets}", fontsize=8)
     figure.suptitle(wrapped(title, figure), fontsize=9)
     figure.tight_layout()
     save(figure, path)
@@ -470,17 +499,18 @@ def main(args: Args):
     seeds = sorted({len(runs) for runs in curves.values()})
     budget = max(int(run[tag][0][-1]) for runs in curves.values() for run in runs.values())
     lines = [f"# Results: preset `{args.preset}`", "",
-             f"{len(datasets)} datasets, {len(methods)} methods, {'/'.join(map(str, seeds))} seeds per cell, "
+             f"{plural(len(datasets), 'dataset')}, {plural(len(methods), 'method')}, {'/'.join(map(str, seeds))} seeds per cell, "
              f"{budget:,} online steps. Cells: mean ± std over seeds of `{tag}`, with the number of runs.", ""]
     if missing:
         lines += [f"Not finished, so not in the tables: {', '.join(missing)}.", ""]
     title = (f"preset {args.preset}, {'/'.join(map(str, seeds))} seed{'s' if seeds != [1] else ''} per method, "
              f"{budget:,} online steps")
     final = statistic(curves, tag, "final")
-    stats = aggregates(final, datasets, methods, args.bootstrap_reps)
-    if stats:  # the field's few-run statistics lead
-        lines += aggregate_lines(stats)
-        plot_aggregates(stats, os.path.join(output, "aggregates.png"), f"Aggregates, {title}")
+    groups = [aggregates(final, group_datasets, group_methods, args.bootstrap_reps)
+              for group_datasets, group_methods in aggregate_groups(final, datasets, methods)]
+    if groups:  # the field's few-run statistics lead
+        lines += [line for stats in groups for line in aggregate_lines(stats)] + ["![aggregates](aggregates.png)", ""]
+        plot_aggregates(groups, os.path.join(output, "aggregates.png"), f"Aggregates, {title}")
     lines += offline_lines(committed + runs)
     for kind, when in (("final", "at the end of the online budget"),
                        ("mean", "averaged over the evaluations of the online phase (online step 0 included)")):

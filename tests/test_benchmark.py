@@ -212,6 +212,23 @@ def test_aggregates_match_hand_computation():
     assert improvement["iql-our-s,iql"] == pytest.approx(36 / 64)  # x_i = i + 0.5 beats y_j = j for j <= i
 
 
+def test_aggregates_of_an_uneven_grid_keep_every_run():
+    """Baselines on fewer datasets and methods with fewer seeds neither drop datasets nor runs from BAQ's
+    comparison with its backbone: each backbone leads with the datasets where it and its BAQ ran."""
+    report = importlib.import_module("benchmark.report")
+    final = {("d1", "iql"): np.arange(3.0), ("d2", "iql"): np.arange(4.0), ("d1", "iql-baq"): np.arange(2.0) + 10,
+             ("d2", "iql-baq"): np.arange(2.0) + 10, ("d1", "iql-so2"): np.arange(1.0), ("d1", "cql"): np.arange(2.0)}
+    groups = report.aggregate_groups(final, ["d1", "d2"], ["iql", "iql-so2", "iql-baq", "cql"])
+    assert groups == [(["d1", "d2"], ["iql", "iql-baq"]), (["d1"], ["iql", "iql-so2", "iql-baq"]), (["d1"], ["cql"])]
+    stats = report.aggregates(final, *groups[0], reps=200)
+    assert stats["runs"] == {"iql": 3, "iql-baq": 2}  # IQL's fewest on one dataset (3 on d1), not BAQ's 2
+    np.testing.assert_allclose(stats["points"]["iql"][1], 1.0)  # mean of 0, 1, 2 on both datasets
+    lines = report.aggregate_lines(stats)
+    assert "Over 2 datasets (d1, d2) x 2/3 seeds." in "\n".join(lines) and "| IQL | 6 | " in "\n".join(lines)
+    # complete separation of 2 runs against 3 on two datasets: p = 2 / C(5, 2)^2 = 0.02 allows a verdict
+    assert next(line for line in lines if line.startswith("| P(IQL+BAQ > IQL) |")).endswith("| yes, X better |")
+
+
 @pytest.mark.parametrize("runs, datasets, verdict", [(2, 1, "too few runs for a verdict: 0.33"),
                                                      (3, 1, "too few runs for a verdict: 0.10"),
                                                      (4, 1, "yes, X better"), (2, 3, "yes, X better")])
