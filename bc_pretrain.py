@@ -313,7 +313,7 @@ def stop_on_interrupt():
             RUN_STATE["writer"].close()  # keep what was logged
         except Exception:  # the interrupt hit the writer itself: what it had flushed is kept
             pass
-    saved, script = RUN_STATE["checkpoints"], os.path.basename(sys.argv[0])
+    saved, script = RUN_STATE["checkpoints"], sys.argv[0]
     if "resume" in saved:
         hint = f"continue it with `python {script} --resume {saved['resume']}`"
     elif "offline" in saved or "bc" in saved:

@@ -13,7 +13,7 @@ import re
 import socket
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Literal, Optional
 
 import gymnasium as gym
@@ -512,14 +512,7 @@ class ReplayBuffer:
 def main(args: Args):
     resume = None
     if args.resume:  # the run goes on with its own arguments
-        defaults = vars(Args())
-        ignored = [f"--{name.replace('_', '-')}" for name, value in vars(args).items()
-                   if name not in ("resume", "stop_after", "cuda") and value != defaults[name]]
-        if ignored:
-            print(f"note: --resume continues the run with its own arguments; ignored: {' '.join(ignored)}")
-        resume = load_checkpoint(args.resume, "--resume", "resume", ("iql", "cql"), {})
-        saved = {name: value for name, value in resume["args"].items() if name in Args.__dataclass_fields__}
-        args = Args(**{**saved, "resume": args.resume, "stop_after": args.stop_after, "cuda": args.cuda})
+        resume, args = resumed_args(args, Args, None)
     for name, value in ALGORITHM_DEFAULTS[args.algo].items():
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -533,13 +526,7 @@ def main(args: Args):
     data, make_env, ref_scores, max_action = load_offline_data(args.env_id)
     obs_dim, act_dim, n_offline = data["observations"].shape[1], data["actions"].shape[1], len(data["rewards"])
     context = {"dataset_id": args.env_id, "obs_dim": obs_dim, "act_dim": act_dim, "hidden_dim": args.hidden_dim}
-    if resume:
-        if (resume["obs_dim"], resume["act_dim"], resume["transitions"]) != (obs_dim, act_dim, n_offline):
-            fail(f"--resume {args.resume!r} was made on {resume['transitions']} transitions of {args.env_id}, which "
-                 f"now has {n_offline}: the dataset changed, so the run cannot continue exactly. Start a new run.")
-        obs_mean, obs_std, reward_scale = resume["obs_mean"].numpy(), resume["obs_std"].numpy(), resume["reward_scale"]
-    else:
-        obs_mean, obs_std, reward_scale = data_statistics(data, args, None, None)
+    obs_mean, obs_std, reward_scale = data_statistics(data, args, resume, None)
     context.update(obs_mean=torch.as_tensor(obs_mean), obs_std=torch.as_tensor(obs_std), reward_scale=reward_scale)
 
     def normalize(obs):
@@ -551,16 +538,13 @@ def main(args: Args):
                normalize(data["next_observations"]), data["terminals"], ones, ones)
     del data
 
-    start_step = resume["step"] if resume else 0
     if resume:
-        run_dir = os.path.dirname(os.path.abspath(args.resume))
-        writer = SummaryWriter(run_dir, purge_step=start_step + 1)  # drop what was logged after the checkpoint
-        RUN_STATE.update(run_dir=run_dir, writer=writer)
-        print(f"resuming {run_dir} at update {start_step} of {args.offline_steps}")
+        start_step, run_dir, writer = continue_run(args.resume, resume, (obs_dim, act_dim, n_offline),
+                                                   args.offline_steps, "update")
     else:
-        run_dir, writer = start_run(args, f"{args.algo.upper()} on {n_offline} offline transitions, obs {obs_dim}, "
-                                          f"actions {act_dim}, reward scale {reward_scale:.4g}, device {device}",
-                                    ref_scores)
+        start_step, (run_dir, writer) = 0, start_run(args, f"{args.algo.upper()} on {n_offline} offline transitions, "
+                                                           f"obs {obs_dim}, actions {act_dim}, reward scale "
+                                                           f"{reward_scale:.4g}, device {device}", ref_scores)
     agent = AGENTS[args.algo](obs_dim, act_dim, max_action, args).to(device)
     eval_env = make_env(eval_env=True)
     eval_env.action_space.seed(args.seed)
@@ -575,19 +559,14 @@ def main(args: Args):
     if resume:
         agent.load_pretrained(resume["state_dict"])
         metric_sum.copy_(resume["metric_sum"])
-        buffer.generator.set_state(resume["rng"]["buffer"])
-        torch.set_rng_state(resume["rng"]["torch"])
-        if device.type == "cuda":
-            torch.cuda.set_rng_state(resume["rng"]["cuda"])
+        restore_random_state(resume["rng"], buffer, device)
     unit_weights, start = torch.ones(args.batch_size, device=device), time.time()
 
     def save_resumable(step: int):
-        rng = {"buffer": buffer.generator.get_state(), "torch": torch.get_rng_state()}
-        if device.type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state()
         save_checkpoint(os.path.join(run_dir, "resume.pt"), "resume", args.algo,
                         {"agent": agent.state_dict(), "optimizer": agent.optimizer.state_dict()}, context, args,
-                        step=step, transitions=n_offline, metric_sum=metric_sum.cpu(), rng=rng)
+                        step=step, transitions=n_offline, metric_sum=metric_sum.cpu(),
+                        rng=random_state(buffer, device))
 
     steps = progress(range(start_step + 1, args.offline_steps + 1), f"offline {args.algo.upper()}", "update")
     for step in steps:
@@ -637,7 +616,7 @@ def stop_on_interrupt():
             RUN_STATE["writer"].close()  # keep what was logged
         except Exception:  # the interrupt hit the writer itself: what it had flushed is kept
             pass
-    saved, script = RUN_STATE["checkpoints"], os.path.basename(sys.argv[0])
+    saved, script = RUN_STATE["checkpoints"], sys.argv[0]
     if "resume" in saved:
         hint = f"continue it with `python {script} --resume {saved['resume']}`"
     elif "offline" in saved or "bc" in saved:
@@ -987,6 +966,57 @@ def load_checkpoint(path: str, flag: str, kind: str, algorithms: tuple, context:
             fail(f"{flag} {path!r} was made for {key} {checkpoint[key]!r}, but this run has {context[key]!r}: "
                  f"{fixes[key]}, or drop {flag} to train it here.")
     return checkpoint
+
+
+# --- resuming ---------------------------------------------------------------------------------
+def resumed_args(args, args_class, method: Optional[str]):
+    """--resume: its checkpoint and the run's own arguments; of this command's flags only --resume,
+    --stop-after and --cuda apply (a note names the others)."""
+    kept = ("resume", "stop_after", "cuda")
+    defaults = {field.name: field.default for field in fields(args_class)}
+    ignored = [f"--{name.replace('_', '-')}" for name, value in vars(args).items()
+               if name not in kept and value != defaults[name]]
+    if ignored:
+        print(f"note: --resume continues the run with its own arguments; ignored: {' '.join(ignored)}")
+    resume = load_checkpoint(args.resume, "--resume", "resume", ("iql", "cql"), {})
+    if resume.get("method") != method:
+        def script(name):
+            return f"benchmark/baselines/{name}.py" if name else "offline_pretrain.py"
+
+        fail(f"--resume {args.resume!r} continues a run of {script(resume.get('method'))}, not of {script(method)}: "
+             f"pass it to that script, or pass a `resume.pt` written by this one.")
+    saved = {name: value for name, value in resume["args"].items() if name in args_class.__dataclass_fields__}
+    return resume, args_class(**{**saved, **{name: getattr(args, name) for name in kept}})
+
+
+def continue_run(resume_path: str, resume: dict, sizes: tuple, total: int, unit: str):
+    """The step, run directory and TensorBoard writer of a resumed run. What the interrupted run logged
+    after its resume.pt was written is dropped, so every step is logged once."""
+    if (resume["obs_dim"], resume["act_dim"], resume["transitions"]) != sizes:
+        fail(f"--resume {resume_path!r} was made on {resume['transitions']} transitions of {resume['dataset_id']}, "
+             f"which now has {sizes[2]} (observations {sizes[0]}, actions {sizes[1]}): the dataset changed, so the "
+             f"run cannot continue exactly. Start a new run.")
+    run_dir = os.path.dirname(os.path.abspath(resume_path))
+    writer = SummaryWriter(run_dir, purge_step=resume["step"] + 1)
+    RUN_STATE.update(run_dir=run_dir, writer=writer)
+    RUN_STATE["checkpoints"]["resume"] = resume_path
+    print(f"resuming {run_dir} at {unit} {resume['step']} of {total}")
+    return resume["step"], run_dir, writer
+
+
+def random_state(buffer, device) -> dict:
+    """The generators a run draws from (torch's and the replay sampler's), for an exact resume."""
+    state = {"buffer": buffer.generator.get_state(), "torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def restore_random_state(state: dict, buffer, device):
+    buffer.generator.set_state(state["buffer"])
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 if __name__ == "__main__":

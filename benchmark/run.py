@@ -148,19 +148,18 @@ def plan(args: Args) -> List[Job]:
 
 
 def prepare(job: Job) -> List[str]:
-    """The command that runs `job` now, for either launcher: an interrupted offline pretraining resumes, any
-    other unfinished run starts over, and a fine-tuning run gets the shared pretrained checkpoints."""
+    """The command that runs `job` now, for either launcher: an interrupted run that wrote a resume.pt (offline
+    pretraining, SO2, SUF) continues from it, any other unfinished run starts over, and a fine-tuning run gets
+    the shared pretrained checkpoints."""
     command, run = list(job.command), job.run_directory()
-    if run and job.artifact == "offline.pt" and os.path.exists(os.path.join(run, "resume.pt")):
-        command = [command[0], command[1], "--resume", os.path.join(run, "resume.pt")]
-    elif run:
+    if run and os.path.exists(os.path.join(run, "resume.pt")):
+        return [command[0], command[1], "--resume", os.path.join(run, "resume.pt")]
+    if run:
         shutil.rmtree(run)
     for need in job.needs:
         command += [CHECKPOINT_FLAGS[need.artifact], os.path.join(need.run_directory(), need.artifact)]
     os.makedirs(job.directory, exist_ok=True)
-    if "--resume" not in command:
-        command += ["--runs-dir", job.directory]
-    return command
+    return command + ["--runs-dir", job.directory]
 
 
 def run_environment(threads: int = 1) -> dict:
@@ -391,7 +390,7 @@ def main(args: Args):
             job.process.wait()
         done = sum(job.finished() for job in jobs)
         print(f"\ninterrupted: {done} of {len(jobs)} runs finished and are kept; rerun the same command to continue "
-              f"(an interrupted offline pretraining resumes from its resume.pt, other unfinished runs start over).",
+              f"(an interrupted run that wrote a resume.pt continues from it, other unfinished runs start over).",
               file=sys.stderr)
         raise SystemExit(130)
     finished = len(jobs) - len(failed) - len(skipped)

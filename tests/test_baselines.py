@@ -119,6 +119,62 @@ def test_suf_update_counts_and_adam_steps(offline_checkpoints, run_script, tmp_p
     assert {steps[i] for group in groups[1:] for i in group} == {offline_steps + 120}
 
 
+@pytest.mark.parametrize("script", ["so2", "suf"])
+def test_an_interrupted_baseline_resumes_exactly(offline_checkpoints, run_script, tmp_path, script):
+    """Stopped at an episode's end and resumed (--stop-after), or crashed after its last resume.pt, a run
+    ends with the uninterrupted run's weights, Adam moments and update counts, and logs each step once."""
+    path, flags = f"benchmark/baselines/{script}.py", [*BASELINE_FLAGS, "--critic-updates", "2", "--checkpoint-every", "15"]
+    whole, whole_dir = run_script(path, tmp_path / "whole", "--offline-checkpoint", str(offline_checkpoints["iql"]),
+                                  *flags, tiny=False)
+    assert whole.returncode == 0, whole.stderr
+    first, split_dir = run_script(path, tmp_path / "split", "--offline-checkpoint", str(offline_checkpoints["iql"]),
+                                  *flags, "--stop-after", "5", tiny=False)
+    assert first.returncode == 0, first.stderr
+    assert "stopped after" in first.stdout and not (split_dir / "final.pt").exists()
+    stopped_at = load(split_dir / "resume.pt")["step"]
+    assert 5 <= stopped_at < 40
+    resumed, same_dir = run_script(path, tmp_path / "split", "--resume", str(split_dir / "resume.pt"), "--online-steps",
+                                   "999", tiny=False)
+    assert resumed.returncode == 0, resumed.stderr
+    assert same_dir == split_dir and f"resuming {split_dir} at online step {stopped_at} of 40" in resumed.stdout
+    ignored = next(line for line in resumed.stdout.splitlines() if "--resume continues the run" in line)
+    assert "--online-steps" in ignored.split("ignored:")[1]  # the run keeps its own 40
+
+    reference, reference_scalars = load(whole_dir / "final.pt"), read_scalars(whole_dir)
+    # the uninterrupted run wrote resume.pt on its way; without its final.pt it is a run that crashed after that
+    (whole_dir / "final.pt").unlink()
+    crashed, _ = run_script(path, tmp_path / "whole", "--resume", str(whole_dir / "resume.pt"), tiny=False)
+    assert crashed.returncode == 0, crashed.stderr
+    for run_dir in (split_dir, whole_dir):
+        final = load(run_dir / "final.pt")
+        torch.testing.assert_close(final["state_dict"], reference["state_dict"], rtol=0, atol=0)
+        assert (final["critic_updates"], final["actor_updates"]) == (reference["critic_updates"], reference["actor_updates"])
+        scalars = read_scalars(run_dir)
+        assert scalars.keys() == reference_scalars.keys()
+        for tag in scalars.keys() - {"charts/SPS"}:
+            assert scalars[tag] == reference_scalars[tag], tag
+
+
+def test_a_resume_checkpoint_of_another_script_is_refused(offline_checkpoints, run_script, tmp_path):
+    result, run_dir = run_script("benchmark/baselines/so2.py", tmp_path / "runs", "--offline-checkpoint",
+                                 str(offline_checkpoints["iql"]), *BASELINE_FLAGS, "--stop-after", "1", tiny=False)
+    assert result.returncode == 0, result.stderr
+    stopped, offline_dir = run_script("offline_pretrain.py", tmp_path / "offline", "--algo", "iql", *OFFLINE_FLAGS,
+                                      "--stop-after", "30", tiny=False)
+    assert stopped.returncode == 0, stopped.stderr
+    resume = str(run_dir / "resume.pt")
+    cases = [("suf", resume, "continues a run of benchmark/baselines/so2.py, not of benchmark/baselines/suf.py"),
+             ("offline_pretrain", resume, "continues a run of benchmark/baselines/so2.py, not of offline_pretrain.py"),
+             ("so2", str(offline_dir / "resume.pt"), "continues a run of offline_pretrain.py, not of benchmark/baselines/so2.py"),
+             ("so2", str(offline_checkpoints["iql"]), "of kind 'offline' made by IQL, but --resume needs kind 'resume'")]
+    for script, checkpoint, words in cases:
+        script_path = "offline_pretrain.py" if script == "offline_pretrain" else f"benchmark/baselines/{script}.py"
+        refused, written = run_script(script_path, tmp_path / script, "--resume", checkpoint, tiny=False)
+        assert refused.returncode != 0 and "Traceback" not in refused.stderr, refused.stderr
+        assert refused.stderr.startswith("error: --resume") and words in refused.stderr, refused.stderr
+        assert written is None
+
+
 @pytest.mark.parametrize("script, algo", [("so2", "iql"), ("so2", "cql"), ("suf", "cql"), ("off2on", "cql")])
 def test_baselines_run_end_to_end_and_log_the_bench_tags(offline_checkpoints, run_script, tmp_path, script, algo):
     result, run_dir = run_script(f"benchmark/baselines/{script}.py", tmp_path / "runs", "--offline-checkpoint",

@@ -63,6 +63,26 @@ def test_rerun_after_an_interruption_redoes_only_unfinished_runs(grid, minari_st
     assert len(list(interrupted.glob("*/final.pt"))) == 1 and len([d for d in interrupted.iterdir() if d.is_dir()]) == 1
 
 
+def test_a_run_that_wrote_a_resume_checkpoint_continues_from_it(tmp_path):
+    """An unfinished run folder with a resume.pt (offline pretraining, SO2, SUF) is continued with --resume and
+    its own arguments; one without is removed and the run starts over from the shared pretrained checkpoint."""
+    run = importlib.import_module("benchmark.run")
+    pretrained = tmp_path / "pretrain-iql" / "d__offline-iql__1__100"
+    pretrained.mkdir(parents=True)
+    (pretrained / "offline.pt").write_bytes(b"")
+    offline = run.Job("d offline-iql seed1", str(pretrained.parent), "offline.pt", ["python", "offline_pretrain.py"])
+    so2 = run.Job("d iql-so2 seed1", str(tmp_path / "iql-so2"), "final.pt", ["python", "so2.py", "--seed", "1"],
+                  needs=[offline])
+    interrupted = tmp_path / "iql-so2" / "d__iql-so2__1__200"
+    interrupted.mkdir(parents=True)
+    (interrupted / "resume.pt").write_bytes(b"")
+    assert run.prepare(so2) == ["python", "so2.py", "--resume", str(interrupted / "resume.pt")]
+    (interrupted / "resume.pt").unlink()
+    assert run.prepare(so2) == ["python", "so2.py", "--seed", "1", "--offline-checkpoint", str(pretrained / "offline.pt"),
+                                "--runs-dir", str(tmp_path / "iql-so2")]
+    assert not interrupted.exists()
+
+
 def test_report_writes_tables_and_figures(grid, minari_store, tmp_path):
     root, _ = grid
     result = benchmark("report.py", minari_store, "--preset", "smoke", "--root", str(root), "--output", str(tmp_path),

@@ -48,7 +48,7 @@ def test_ctrl_c_in_offline_pretraining_says_how_to_resume(minari_store, tmp_path
     code, _, stderr = interrupt_once_written(process, tmp_path / "runs", "resume.pt")
     assert code == 130 and "Traceback" not in stderr, stderr
     resume = next((tmp_path / "runs").glob("*/resume.pt"))
-    assert f"python offline_pretrain.py --resume {resume}" in stderr.strip().splitlines()[-1]
+    assert f"python {ROOT / 'offline_pretrain.py'} --resume {resume}" in stderr.strip().splitlines()[-1]  # as started
     assert "offline IQL" in stderr  # the progress bar
 
 

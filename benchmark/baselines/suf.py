@@ -19,7 +19,7 @@ import re
 import socket
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Literal, Optional
 
 import gymnasium as gym
@@ -33,8 +33,9 @@ from tqdm import tqdm
 
 @dataclass
 class Args:
-    offline_checkpoint: str
-    """the `offline.pt` to fine-tune (offline_pretrain.py, or the offline phase of baq_iql.py/baq_cql.py)"""
+    offline_checkpoint: Optional[str] = None
+    """the `offline.pt` to fine-tune (offline_pretrain.py, or the offline phase of baq_iql.py/baq_cql.py);
+    required unless --resume is given"""
     algo: Optional[Literal["iql", "cql"]] = None
     """the backbone; default: the checkpoint's (given, it must match the checkpoint)"""
     exp_name: Optional[str] = None
@@ -63,6 +64,15 @@ class Args:
     """deterministic episodes per evaluation"""
     log_every: int = 1_000
     """write losses every this many online steps (averaged over the updates in between)"""
+    checkpoint_every: int = 5_000
+    """write the resumable checkpoint `resume.pt` at the first episode end after every this many online steps
+    (0: never)"""
+    resume: Optional[str] = None
+    """a `resume.pt` of this script: continue that run exactly where it stopped, with its own arguments (only
+    --stop-after and --cuda may change)"""
+    stop_after: int = 0
+    """write `resume.pt` and stop at the first episode end after this many online steps of this command (0: run
+    to --online-steps); for runs longer than a session"""
 
     # SUF
     critic_updates: int = 10
@@ -422,12 +432,18 @@ class ReplayBuffer:
 # The run: SUF fine-tuning online from the offline checkpoint
 # =============================================================================================
 def main(args: Args):
+    resume = None
+    if args.resume:  # the run goes on with its own arguments
+        resume, args = resumed_args(args, Args, METHOD)
+    elif args.offline_checkpoint is None:
+        fail("--offline-checkpoint is missing: pass the `offline.pt` to fine-tune (offline_pretrain.py, or the offline "
+             "phase of baq_iql.py/baq_cql.py), or --resume with a `resume.pt` of this script.")
     device = seed_and_pick_device(args)
     data, make_env, ref_scores, max_action = load_offline_data(args.env_id)
     obs_dim, act_dim, n_offline = data["observations"].shape[1], data["actions"].shape[1], len(data["rewards"])
     context = {"dataset_id": args.env_id, "obs_dim": obs_dim, "act_dim": act_dim, "hidden_dim": args.hidden_dim}
-    checkpoint = load_checkpoint(args.offline_checkpoint, "--offline-checkpoint", "offline",
-                                 (args.algo,) if args.algo else ("iql", "cql"), context)
+    checkpoint = resume or load_checkpoint(args.offline_checkpoint, "--offline-checkpoint", "offline",
+                                           (args.algo,) if args.algo else ("iql", "cql"), context)
     args.algo = checkpoint["algorithm"]
     args.actor_lr = args.actor_lr or {"iql": 3e-4, "cql": 3e-5}[args.algo]
     args.exp_name = args.exp_name or f"{METHOD}_{args.algo}"
@@ -442,8 +458,13 @@ def main(args: Args):
     buffer.add(normalize(data["observations"]), data["actions"], data["rewards"] * reward_scale,
                normalize(data["next_observations"]), data["terminals"], ones, ones)
     del data
-    run_dir, writer = start_run(args, f"{METHOD.upper()} on {args.algo.upper()} from {args.offline_checkpoint}, "
-                                      f"{n_offline} offline transitions, device {device}", ref_scores)
+    if resume:
+        sizes = (obs_dim, act_dim, n_offline)
+        start_step, run_dir, writer = continue_run(args.resume, resume, sizes, args.online_steps, "online step")
+    else:
+        start_step, (run_dir, writer) = 0, start_run(args, f"{METHOD.upper()} on {args.algo.upper()} from "
+                                                           f"{args.offline_checkpoint}, {n_offline} offline "
+                                                           f"transitions, device {device}", ref_scores)
     agent = FINE_TUNING_AGENTS[args.algo](obs_dim, act_dim, max_action, args).to(device)
     agent.load_pretrained(checkpoint["state_dict"])
     eval_env = make_env(eval_env=True)
@@ -460,13 +481,16 @@ def main(args: Args):
     env = make_env()
     env.action_space.seed(args.seed)
     obs, _ = env.reset(seed=args.seed)
-    episode_return, episode_length, critic_updates, actor_updates = 0.0, 0, 0, 0
+    episode_return, episode_length, saved_at = 0.0, 0, start_step
     critic_sum = torch.zeros(len(agent.CRITIC_METRICS), device=device)
     actor_sum = torch.zeros(len(agent.ACTOR_METRICS), device=device)
-    logged_critic, logged_actor, start = 0, 0, time.time()
-    for step in progress(range(args.online_steps), f"online {args.exp_name}", "step"):
-        if step % args.eval_every == 0:
-            run_evaluation(step)
+    counts = {"critic_updates": 0, "actor_updates": 0, "logged_critic": 0, "logged_actor": 0}
+    if resume:  # where resume.pt was written: an episode's start, with every random state as it was
+        obs = restore_online_phase(resume, buffer, env, critic_sum, actor_sum, counts)
+    else:
+        run_evaluation(0)
+    start = time.time()
+    for step in progress(range(start_step, args.online_steps), f"online {args.exp_name}", "step"):
         state = torch.as_tensor(normalize(obs), dtype=torch.float32, device=device)[None]
         action = agent.act(state, deterministic=False)
         next_obs, reward, terminated, truncated, _ = env.step(action[0].cpu().numpy())
@@ -476,31 +500,38 @@ def main(args: Args):
         if terminated or truncated:
             writer.add_scalar("charts/episodic_return", episode_return, step + 1)
             writer.add_scalar("charts/episodic_length", episode_length, step + 1)
+            env_random_state = env.np_random.bit_generator.state  # what the reset draws from: kept for resume.pt
             obs, _ = env.reset()
             episode_return, episode_length = 0.0, 0
 
         for _ in range(args.critic_updates):  # SUF: the update-to-data ratio G and the actor's delay d
             batch = buffer.sample(args.batch_size)[1]
             critic_sum += agent.update_critic(batch)
-            critic_updates += 1
-            if critic_updates % args.actor_delay == 0:
+            counts["critic_updates"] += 1
+            if counts["critic_updates"] % args.actor_delay == 0:
                 actor_sum += agent.update_actor(batch)
-                actor_updates += 1
+                counts["actor_updates"] += 1
         if (step + 1) % args.log_every == 0 or step + 1 == args.online_steps:
-            log_metrics(writer, "losses/", agent.CRITIC_METRICS, critic_sum, critic_updates - logged_critic, step + 1)
-            if actor_updates > logged_actor:
-                log_metrics(writer, "losses/", agent.ACTOR_METRICS, actor_sum, actor_updates - logged_actor, step + 1)
-            writer.add_scalar("charts/critic_updates", critic_updates, step + 1)
-            writer.add_scalar("charts/actor_updates", actor_updates, step + 1)
-            writer.add_scalar("charts/SPS", int((step + 1) / (time.time() - start)), step + 1)
-            critic_sum.zero_()
-            actor_sum.zero_()
-            logged_critic, logged_actor = critic_updates, actor_updates
-    run_evaluation(args.online_steps)
+            log_update_counts(writer, agent, critic_sum, actor_sum, counts, step + 1, start_step, start)
+        if (step + 1) % args.eval_every == 0 or step + 1 == args.online_steps:
+            run_evaluation(step + 1)
+        if (terminated or truncated) and step + 1 < args.online_steps:  # resume.pt at an episode's start
+            stopping = args.stop_after and step + 1 - start_step >= args.stop_after
+            every = args.checkpoint_every
+            if stopping or (every and (step + 1) // every > saved_at // every):
+                save_online_phase(run_dir, agent, buffer, n_offline, env_random_state, critic_sum, actor_sum, counts,
+                                  step + 1, context, args)
+                saved_at = step + 1
+            if stopping:
+                writer.close()
+                print(f"stopped after {step + 1 - start_step} online steps (step {step + 1} of {args.online_steps}, "
+                      f"an episode's end); continue with `python {sys.argv[0]} --resume "
+                      f"{os.path.join(run_dir, 'resume.pt')}`")
+                return
 
     save_checkpoint(os.path.join(run_dir, "final.pt"), "final", args.algo,
                     {"agent": agent.state_dict(), "optimizer": agent.optimizer.state_dict()}, context, args,
-                    method=METHOD, critic_updates=critic_updates, actor_updates=actor_updates)
+                    method=METHOD, critic_updates=counts["critic_updates"], actor_updates=counts["actor_updates"])
     writer.close()
     print(f"done: {run_dir}")
 
@@ -525,7 +556,7 @@ def stop_on_interrupt():
             RUN_STATE["writer"].close()  # keep what was logged
         except Exception:  # the interrupt hit the writer itself: what it had flushed is kept
             pass
-    saved, script = RUN_STATE["checkpoints"], os.path.basename(sys.argv[0])
+    saved, script = RUN_STATE["checkpoints"], sys.argv[0]
     if "resume" in saved:
         hint = f"continue it with `python {script} --resume {saved['resume']}`"
     elif "offline" in saved or "bc" in saved:
@@ -863,6 +894,100 @@ def load_checkpoint(path: str, flag: str, kind: str, algorithms: tuple, context:
             fail(f"{flag} {path!r} was made for {key} {checkpoint[key]!r}, but this run has {context[key]!r}: "
                  f"{fixes[key]}, or drop {flag} to train it here.")
     return checkpoint
+
+
+# --- resuming ---------------------------------------------------------------------------------
+def resumed_args(args, args_class, method: Optional[str]):
+    """--resume: its checkpoint and the run's own arguments; of this command's flags only --resume,
+    --stop-after and --cuda apply (a note names the others)."""
+    kept = ("resume", "stop_after", "cuda")
+    defaults = {field.name: field.default for field in fields(args_class)}
+    ignored = [f"--{name.replace('_', '-')}" for name, value in vars(args).items()
+               if name not in kept and value != defaults[name]]
+    if ignored:
+        print(f"note: --resume continues the run with its own arguments; ignored: {' '.join(ignored)}")
+    resume = load_checkpoint(args.resume, "--resume", "resume", ("iql", "cql"), {})
+    if resume.get("method") != method:
+        def script(name):
+            return f"benchmark/baselines/{name}.py" if name else "offline_pretrain.py"
+
+        fail(f"--resume {args.resume!r} continues a run of {script(resume.get('method'))}, not of {script(method)}: "
+             f"pass it to that script, or pass a `resume.pt` written by this one.")
+    saved = {name: value for name, value in resume["args"].items() if name in args_class.__dataclass_fields__}
+    return resume, args_class(**{**saved, **{name: getattr(args, name) for name in kept}})
+
+
+def continue_run(resume_path: str, resume: dict, sizes: tuple, total: int, unit: str):
+    """The step, run directory and TensorBoard writer of a resumed run. What the interrupted run logged
+    after its resume.pt was written is dropped, so every step is logged once."""
+    if (resume["obs_dim"], resume["act_dim"], resume["transitions"]) != sizes:
+        fail(f"--resume {resume_path!r} was made on {resume['transitions']} transitions of {resume['dataset_id']}, "
+             f"which now has {sizes[2]} (observations {sizes[0]}, actions {sizes[1]}): the dataset changed, so the "
+             f"run cannot continue exactly. Start a new run.")
+    run_dir = os.path.dirname(os.path.abspath(resume_path))
+    writer = SummaryWriter(run_dir, purge_step=resume["step"] + 1)
+    RUN_STATE.update(run_dir=run_dir, writer=writer)
+    RUN_STATE["checkpoints"]["resume"] = resume_path
+    print(f"resuming {run_dir} at {unit} {resume['step']} of {total}")
+    return resume["step"], run_dir, writer
+
+
+def random_state(buffer, device) -> dict:
+    """The generators a run draws from (torch's and the replay sampler's), for an exact resume."""
+    state = {"buffer": buffer.generator.get_state(), "torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def restore_random_state(state: dict, buffer, device):
+    buffer.generator.set_state(state["buffer"])
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+# --- the online phase: its logs and its resume.pt --------------------------------------------
+def log_update_counts(writer, agent, critic_sum, actor_sum, counts: dict, step: int, start_step: int, start: float):
+    """The losses averaged over the updates since the last log, the update counts and the steps per second."""
+    critic_count = counts["critic_updates"] - counts["logged_critic"]
+    actor_count = counts["actor_updates"] - counts["logged_actor"]
+    log_metrics(writer, "losses/", agent.CRITIC_METRICS, critic_sum, critic_count, step)
+    if actor_count:
+        log_metrics(writer, "losses/", agent.ACTOR_METRICS, actor_sum, actor_count, step)
+    writer.add_scalar("charts/critic_updates", counts["critic_updates"], step)
+    writer.add_scalar("charts/actor_updates", counts["actor_updates"], step)
+    writer.add_scalar("charts/SPS", int((step - start_step) / (time.time() - start)), step)
+    critic_sum.zero_()
+    actor_sum.zero_()
+    counts.update(logged_critic=counts["critic_updates"], logged_actor=counts["actor_updates"])
+
+
+ONLINE_COLUMNS = ("observations", "actions", "rewards", "next_observations", "terminals", "weights", "priorities")
+
+
+def save_online_phase(run_dir: str, agent, buffer, n_offline: int, env_random_state: dict, critic_sum, actor_sum,
+                      counts: dict, step: int, context: dict, args):
+    """resume.pt at an episode's start: the agent with its Adam moments, the online transitions, the loss
+    sums not yet logged, the update counts and every random state (the environment's as its reset found it)."""
+    online = {name: getattr(buffer, name)[n_offline:buffer.size].cpu() for name in ONLINE_COLUMNS}
+    save_checkpoint(os.path.join(run_dir, "resume.pt"), "resume", args.algo,
+                    {"agent": agent.state_dict(), "optimizer": agent.optimizer.state_dict()}, context, args,
+                    method=METHOD, step=step, transitions=n_offline, online_transitions=online,
+                    critic_sum=critic_sum.cpu(), actor_sum=actor_sum.cpu(), counts=dict(counts),
+                    rng=random_state(buffer, critic_sum.device), env_random_state=env_random_state)
+
+
+def restore_online_phase(resume: dict, buffer, env, critic_sum, actor_sum, counts: dict):
+    """Back to where save_online_phase left the run; returns the first observation of its next episode.
+    Every rho of these buffers is 1, so the online rows' prefix sums come back exact."""
+    buffer.add(*(resume["online_transitions"][name] for name in ONLINE_COLUMNS))
+    critic_sum.copy_(resume["critic_sum"])
+    actor_sum.copy_(resume["actor_sum"])
+    counts.update(resume["counts"])
+    restore_random_state(resume["rng"], buffer, critic_sum.device)
+    env.np_random.bit_generator.state = resume["env_random_state"]
+    return env.reset()[0]
 
 
 if __name__ == "__main__":
