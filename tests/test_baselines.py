@@ -131,12 +131,14 @@ def test_an_interrupted_baseline_resumes_exactly(offline_checkpoints, run_script
                                   *flags, "--stop-after", "5", tiny=False)
     assert first.returncode == 0, first.stderr
     assert "stopped after" in first.stdout and not (split_dir / "final.pt").exists()
-    stopped_at = load(split_dir / "resume.pt")["step"]
-    assert 5 <= stopped_at < 40
+    stopped = load(split_dir / "resume.pt")
+    assert 5 <= stopped["step"] < 40
+    for name, column in stopped["online_transitions"].items():  # the online rows alone, not the buffer's storage
+        assert len(column) == stopped["step"] and column.untyped_storage().nbytes() == column.nbytes, name
     resumed, same_dir = run_script(path, tmp_path / "split", "--resume", str(split_dir / "resume.pt"), "--online-steps",
                                    "999", tiny=False)
     assert resumed.returncode == 0, resumed.stderr
-    assert same_dir == split_dir and f"resuming {split_dir} at online step {stopped_at} of 40" in resumed.stdout
+    assert same_dir == split_dir and f"resuming {split_dir} at online step {stopped['step']} of 40" in resumed.stdout
     ignored = next(line for line in resumed.stdout.splitlines() if "--resume continues the run" in line)
     assert "--online-steps" in ignored.split("ignored:")[1]  # the run keeps its own 40
 

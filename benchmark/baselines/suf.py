@@ -970,7 +970,8 @@ def save_online_phase(run_dir: str, agent, buffer, n_offline: int, env_random_st
                       counts: dict, step: int, context: dict, args):
     """resume.pt at an episode's start: the agent with its Adam moments, the online transitions, the loss
     sums not yet logged, the update counts and every random state (the environment's as its reset found it)."""
-    online = {name: getattr(buffer, name)[n_offline:buffer.size].cpu() for name in ONLINE_COLUMNS}
+    # cloned: torch.save of a slice would write the whole buffer's storage (185 MB for walker2d-medium)
+    online = {name: getattr(buffer, name)[n_offline:buffer.size].clone().cpu() for name in ONLINE_COLUMNS}
     save_checkpoint(os.path.join(run_dir, "resume.pt"), "resume", args.algo,
                     {"agent": agent.state_dict(), "optimizer": agent.optimizer.state_dict()}, context, args,
                     method=METHOD, step=step, transitions=n_offline, online_transitions=online,
