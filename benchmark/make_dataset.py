@@ -9,6 +9,7 @@
 #
 #   python benchmark/make_dataset.py --env hopper halfcheetah walker2d      # train (resumable) + build
 #   python benchmark/make_dataset.py --env hopper --from-policy             # rebuild from committed policies
+#   python benchmark/make_dataset.py --env hopper --medium-replay           # rebuild medium-replay (SAC again)
 import math
 import os
 import sys
@@ -41,6 +42,8 @@ class Args:
     """skip training: rebuild medium, random (and expert, medium-expert) from the saved policies"""
     expert: bool = False
     """keep training after the medium level until the expert return (--expert-return), then build expert and medium-expert"""
+    medium_replay: bool = False
+    """rebuild medium-replay only: SAC again from step 0 to the medium return, checkpointed in --work-dir; saved policies and training states are kept"""
     medium_return: Optional[float] = None
     """stochastic-policy mean return that makes the medium policy (default: D4RL medium's mean return)"""
     expert_return: Optional[float] = None
@@ -292,9 +295,11 @@ def train(env_name, args: Args):
               "actions": np.zeros((args.max_steps, act_dim), np.float32), "rewards": np.zeros(args.max_steps, np.float32),
               "terminations": np.zeros(args.max_steps, bool), "truncations": np.zeros(args.max_steps, bool)}
     state = {"step": 0, "replay_size": 0, "episodes": 0, "evaluations": [], "elapsed": 0.0, "reached": {}}
-    checkpoint_path = os.path.join(args.work_dir, f"{env_name}-sac-seed{args.seed}.pt")
-    state_path = os.path.join(args.state_dir, f"{env_name}-sac-seed{args.seed}.pt")
-    resume_path = next((p for p in (checkpoint_path, state_path) if os.path.exists(p)), None)
+    training = f"{env_name}-sac-seed{args.seed}{'-medium-replay' if args.medium_replay else ''}"
+    checkpoint_path = os.path.join(args.work_dir, f"{training}.pt")
+    # a medium-replay rebuild's product is its replay buffer, so it continues only from its exact checkpoint
+    state_path = None if args.medium_replay else os.path.join(args.state_dir, f"{training}.pt")
+    resume_path = next((p for p in (checkpoint_path, state_path) if p and os.path.exists(p)), None)
     if resume_path:
         checkpoint = torch.load(resume_path, weights_only=True)
         agent.load_state_dict(checkpoint["agent"])
@@ -309,6 +314,8 @@ def train(env_name, args: Args):
             print(f"{env_name}: continued from the training state {state_path} at step {state['step']}; its replay buffer "
                   f"was not saved, so it is refilled with {args.learning_starts} steps of the current policy (not exact)")
     saved = {level for level in targets if os.path.exists(os.path.join(args.policy_dir, f"{env_name}-{level}.pt"))}
+    if args.medium_replay:  # trains to the medium return again, keeping the saved medium policy
+        saved = set()
     for level in sorted(saved - set(state["reached"])):
         print(f"{env_name}: the {level} policy is already saved in {args.policy_dir}; training does not replace it")
 
@@ -323,22 +330,29 @@ def train(env_name, args: Args):
 
     def save_checkpoint():
         compact = {"agent": agent.state_dict(), "optimizer": agent.optimizer.state_dict(), "state": state}
-        save_atomically(compact, state_path)
+        if state_path:
+            save_atomically(compact, state_path)
         size = state["replay_size"]
         save_atomically({**compact, "replay": {k: torch.from_numpy(v[:size]) for k, v in replay.items()}}, checkpoint_path)
 
+    def write_medium_replay(size, reached):  # the whole replay buffer up to the medium policy
+        write_dataset(f"baq/{env_name}/medium-replay-v0", env_name, replay_to_episodes(replay, size), args,
+                      f"Replay buffer of SAC up to the medium policy ({reached['step']} steps; stochastic return {reached['return']:.1f}).")
+
     def save_policy(level, mean_return):
         state["reached"][level] = {"step": state["step"], "return": mean_return, "elapsed": state["elapsed"]}
-        save_atomically({"env": env_name, "level": level, "actor": agent.actor.state_dict(), "obs_dim": obs_dim, "act_dim": act_dim,
-                         "hidden_dim": args.hidden_dim, "sac_steps": state["step"], "stochastic_return": mean_return,
-                         "training_seconds": state["elapsed"], "seed": args.seed},
-                        os.path.join(args.policy_dir, f"{env_name}-{level}.pt"))
-        if level == "medium":  # medium-replay: the whole replay buffer up to this point
-            write_dataset(f"baq/{env_name}/medium-replay-v0", env_name, replay_to_episodes(replay, state["replay_size"]), args,
-                          f"Replay buffer of SAC up to the medium policy ({state['step']} steps; stochastic return {mean_return:.1f}).")
+        if not args.medium_replay:
+            save_atomically({"env": env_name, "level": level, "actor": agent.actor.state_dict(), "obs_dim": obs_dim,
+                             "act_dim": act_dim, "hidden_dim": args.hidden_dim, "sac_steps": state["step"],
+                             "stochastic_return": mean_return, "training_seconds": state["elapsed"], "seed": args.seed},
+                            os.path.join(args.policy_dir, f"{env_name}-{level}.pt"))
+        if level == "medium":
+            write_medium_replay(state["replay_size"], state["reached"]["medium"])
 
     pending = [level for level in targets if level not in state["reached"] and level not in saved]
     if not pending:
+        if args.medium_replay:  # a finished rebuild: write the dataset again from its checkpoint (the store may be new)
+            write_medium_replay(state["reached"]["medium"]["step"], state["reached"]["medium"])
         return
     obs, _ = env.reset(seed=int(rng.integers(1 << 31)))
     last_eval, last_checkpoint = (state["evaluations"][-1][1] if state["evaluations"] else float("nan")), state["step"]
@@ -380,10 +394,11 @@ def train(env_name, args: Args):
         if terminated or truncated:
             state["episodes"] += 1
             state["elapsed"] = time.time() - start
-            if step - last_checkpoint >= args.checkpoint_every or not pending:
+            if step - last_checkpoint >= args.checkpoint_every:
                 save_checkpoint()
                 last_checkpoint, rng = step, reseed()
             obs, _ = env.reset(seed=int(rng.integers(1 << 31)))
+    save_checkpoint()  # the finished training, mid-episode: never continued, it records the levels reached
     bar.close()
 
 
@@ -443,6 +458,10 @@ def check_store():
 
 
 def main(args: Args):
+    if args.medium_replay and (args.from_policy or args.expert):
+        raise SystemExit(f"error: --medium-replay cannot be combined with {'--from-policy' if args.from_policy else '--expert'}: "
+                         f"it is a training of its own that writes only medium-replay. Run it as a separate command "
+                         f"(`python benchmark/make_dataset.py --env {' '.join(args.env)} --medium-replay`).")
     check_store()
     unknown = [e for e in args.env if e not in ENVS]
     if unknown:
@@ -452,6 +471,8 @@ def main(args: Args):
     for env_name in args.env:
         if not args.from_policy:
             train(env_name, args)
+        if args.medium_replay:
+            continue
         start = time.time()
         build_datasets(env_name, args)
         print(f"{env_name}: datasets collected in {time.time() - start:.0f} s")

@@ -191,3 +191,35 @@ def test_a_failed_run_creates_no_store(tmp_path):
     result = make_dataset(tmp_path, tmp_path / "new" / "store", "--from-policy")  # no policy: fails
     assert result.returncode != 0 and "hopper-medium.pt" in result.stderr
     assert not (tmp_path / "new").exists()
+
+
+def test_medium_replay_is_rebuilt_by_a_new_training_that_keeps_the_saved_policy(built, minari_store, tmp_path):
+    built_dir, built_store, _ = built
+    (tmp_path / "policies").mkdir()
+    medium = (built_dir / "policies" / "hopper-medium.pt").read_bytes()
+    (tmp_path / "policies" / "hopper-medium.pt").write_bytes(medium)
+    _, original = load_episodes(built_store, "baq/hopper/medium-replay-v0")
+    rebuild = ["--medium-replay", "--medium-return", "-1000", "--max-steps", "2000"]
+    for attempt in ("training", "from its finished checkpoint, into a new store"):
+        store = tmp_path / attempt.split()[0]
+        result = make_dataset(tmp_path, store, *rebuild)
+        assert result.returncode == 0, result.stderr
+        assert ("medium policy at step 100" in result.stdout + result.stderr) == (attempt == "training")
+        _, rebuilt = load_episodes(store, "baq/hopper/medium-replay-v0")
+        assert [len(e.actions) for e in rebuilt] == [len(e.actions) for e in original], attempt
+        for a, b in zip(original, rebuilt):  # the same seed on one machine: the same training, the same buffer
+            np.testing.assert_array_equal(a.observations, b.observations)
+            np.testing.assert_array_equal(a.actions, b.actions)
+        assert sorted(p.name for p in (store / "baq" / "hopper").iterdir() if p.is_dir()) == ["medium-replay-v0"]
+    assert (tmp_path / "policies" / "hopper-medium.pt").read_bytes() == medium
+    assert [p.name for p in (tmp_path / "work").iterdir()] == ["hopper-sac-seed0-medium-replay.pt"]
+    assert not (tmp_path / "state").exists()  # an expert training's state file is another name; none is written
+
+
+@pytest.mark.parametrize("other", ["--from-policy", "--expert"])
+def test_medium_replay_is_a_command_of_its_own(tmp_path, other):
+    result = make_dataset(tmp_path, tmp_path / "store", "--medium-replay", other)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert f"--medium-replay cannot be combined with {other}" in result.stderr
+    assert "python benchmark/make_dataset.py --env hopper --medium-replay" in result.stderr
+    assert not (tmp_path / "store").exists()
