@@ -724,7 +724,7 @@ def how_to_build(env: str, level: str) -> str:
     """The benchmark/make_dataset.py command that builds baq/<env>/<level>-v0, and what it costs."""
     command = f"python benchmark/make_dataset.py --env {env}"
     if level == "medium-replay":
-        return f"`{command}` (it needs the SAC training itself: 30-50 minutes on a CPU)"
+        return f"`{command} --medium-replay` (SAC trained again up to the medium return: 30-50 minutes on a CPU)"
     if level in ("expert", "medium-expert"):
         return (f"`{command} --from-policy` if benchmark/policies/{env}-expert.pt exists (minutes), else "
                 f"`{command} --expert` (SAC trained to the expert level: hours)")

@@ -25,7 +25,8 @@ def test_minari_ids_pass_through(script):
 
 
 @pytest.mark.parametrize("env_id, words", [
-    ("hopper-medium-replay-v2", ["no official Minari counterpart", "benchmark/make_dataset.py --env hopper", "baq/hopper/medium-replay-v0"]),
+    ("hopper-medium-replay-v2", ["no official Minari counterpart", "`python benchmark/make_dataset.py --env hopper --medium-replay`",
+                                 "baq/hopper/medium-replay-v0"]),
     ("walker2d-random-v2", ["no official Minari counterpart", "--env walker2d", "baq/walker2d/random-v0"]),
     ("hopper-medum-v2", ["level 'medum' is unknown", "hopper-medium-v2"]),
     ("not a dataset", ["is neither a D4RL name", "nor a Minari dataset id", "baq/hopper/medium-v0"]),
