@@ -26,6 +26,8 @@ METHOD_LABELS = {"iql": "IQL", "iql-so2": "IQL+SO2", "iql-suf": "IQL+SUF", "iql-
                  "cql": "CQL", "cql-so2": "CQL+SO2", "cql-suf": "CQL+SUF", "cql-baq": "CQL+BAQ",
                  "cql-baq-adaptive": "CQL+BAQ adaptive", "cql-our-q": "CQL+Our-Q", "cql-our-s": "CQL+Our-S",
                  "cql-off2on": "Off2On"}
+# one color per method in every figure; a CQL variant takes its IQL counterpart's color and is drawn dashed
+METHOD_COLORS = {method: "C7" if method == "cql-off2on" else f"C{i % 7}" for i, method in enumerate(METHOD_LABELS)}
 TABLE2_METHODS = ["cql", "cql-off2on", "cql-our-s"]  # the paper's Table 2: CQL, Off2On, Our-S
 FIGURE2_METHODS = ["iql", "iql-so2", "iql-suf", "iql-baq"]  # the paper's Figure 2
 # the paper's Table 1 (D4RL v2, 4 seeds), for orientation
@@ -195,9 +197,10 @@ def score_tag(curves) -> str:
 
 
 def statistic(curves, tag: str, kind: str) -> Dict:
-    """{(dataset, method): per-seed values}: the last evaluation ("final") or the mean of all ("mean")."""
+    """{(dataset, method): per-seed values}: the last evaluation ("final") or the mean of all ("mean"), runs in
+    the order of their names (the seeded bootstrap's intervals depend on it)."""
     pick = (lambda values: values[-1]) if kind == "final" else np.mean
-    return {key: np.array([pick(run[tag][1]) for run in runs.values()]) for key, runs in curves.items()}
+    return {key: np.array([pick(runs[name][tag][1]) for name in sorted(runs)]) for key, runs in curves.items()}
 
 
 def paired_finals(curves, tag: str, dataset: str, algo: str, variant: str):
@@ -251,8 +254,9 @@ def plot_curves(curves, tag: str, datasets, methods, path: str, title: str):
             steps = next(iter(runs.values()))[tag][0]
             values = np.stack([run[tag][1] for run in runs.values()])
             mean, std = values.mean(0), values.std(0)
-            ax.plot(steps, mean, label=f"{METHOD_LABELS[method]} ({len(runs)})")
-            ax.fill_between(steps, mean - std, mean + std, alpha=0.2)
+            ax.plot(steps, mean, label=f"{METHOD_LABELS[method]} ({len(runs)})", color=METHOD_COLORS[method],
+                    linestyle="--" if method.startswith("cql") else "-")
+            ax.fill_between(steps, mean - std, mean + std, alpha=0.2, color=METHOD_COLORS[method])
         ax.set_title(short_name(dataset), fontsize=9)
         ax.set_xlabel("online step", fontsize=8)
         ax.set_ylabel(tag.split("/")[-1].replace("_", " "), fontsize=8)
@@ -308,9 +312,12 @@ def aggregates(final: Dict, datasets: List[str], methods: List[str], reps: int, 
     def iqm_and_mean(x):
         return np.array([metrics.aggregate_iqm(x), metrics.aggregate_mean(x)])
 
+    # rliable's stratified bootstraps draw (in part) from numpy's global generator, not only from random_state
+    np.random.seed(seed)
     points, intervals = rly.get_interval_estimates(scores, iqm_and_mean, reps=reps, random_state=np.random.RandomState(seed))
     pairs = {(m, backbone(m)): [scores[m], scores[backbone(m)]] for m in methods
              if m != backbone(m) and backbone(m) in methods and ("baq" in m or "our-" in m)}
+    np.random.seed(seed + 1)
     improvement = rly.get_interval_estimates({f"{x},{y}": v for (x, y), v in pairs.items()},
                                              metrics.probability_of_improvement, reps=reps,
                                              random_state=np.random.RandomState(seed + 1)) if pairs else ({}, {})
@@ -389,7 +396,7 @@ def plot_aggregates(groups: List[dict], path: str, title: str):
         for column, name in enumerate(("IQM", "mean")):
             for row, method in enumerate(methods):
                 low, high = stats["intervals"][method][:, column]
-                row_axes[column].plot([low, high], [row, row], linewidth=6, alpha=0.5)
+                row_axes[column].plot([low, high], [row, row], linewidth=6, alpha=0.5, color=METHOD_COLORS[method])
                 row_axes[column].plot(stats["points"][method][column], row, "k|", markersize=12)
             row_axes[column].set_yticks(range(len(methods)), [METHOD_LABELS[m] for m in methods], fontsize=7)
             row_axes[column].set_xlabel(f"{name} of the final score, {datasets}", fontsize=8)
@@ -398,7 +405,7 @@ def plot_aggregates(groups: List[dict], path: str, title: str):
             continue
         for row, (pair, point) in enumerate(points.items()):
             low, high = np.ravel(intervals[pair])[:2]
-            row_axes[2].plot([low, high], [row, row], linewidth=6, alpha=0.5)
+            row_axes[2].plot([low, high], [row, row], linewidth=6, alpha=0.5, color=METHOD_COLORS[pair.split(",")[0]])
             row_axes[2].plot(float(point), row, "k|", markersize=12)
         row_axes[2].axvline(0.5, color="black", linewidth=0.8, linestyle="--")
         labels = [f"P({METHOD_LABELS[p.split(',')[0]]} > {METHOD_LABELS[p.split(',')[1]]})" for p in points]

@@ -232,6 +232,22 @@ def test_aggregates_match_hand_computation():
     assert improvement["iql-our-s,iql"] == pytest.approx(36 / 64)  # x_i = i + 0.5 beats y_j = j for j <= i
 
 
+def test_aggregates_are_the_same_in_every_report():
+    """Both bootstraps are seeded, whatever numpy's global generator did before (rliable's probability of
+    improvement draws from it)."""
+    report = importlib.import_module("benchmark.report")
+    rng = np.random.default_rng(0)
+    final = {(d, m): rng.normal(size=3) for d in ("d1", "d2") for m in ("iql", "iql-baq", "iql-our-q")}
+    intervals = []
+    for draws in (1, 7):
+        np.random.rand(draws)
+        stats = report.aggregates(final, ["d1", "d2"], ["iql", "iql-baq", "iql-our-q"], reps=300)
+        intervals.append([np.ravel(stats["improvement"][1][p]) for p in ("iql-baq,iql", "iql-our-q,iql")] +
+                         [stats["intervals"][m] for m in ("iql", "iql-baq")])
+    for first, second in zip(*intervals):
+        np.testing.assert_array_equal(first, second)
+
+
 def test_aggregates_of_an_uneven_grid_keep_every_run():
     """Baselines on fewer datasets and methods with fewer seeds neither drop datasets nor runs from BAQ's
     comparison with its backbone: each backbone leads with the datasets where it and its BAQ ran."""
