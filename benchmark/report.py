@@ -203,6 +203,24 @@ def statistic(curves, tag: str, kind: str) -> Dict:
     return {key: np.array([pick(runs[name][tag][1]) for name in sorted(runs)]) for key, runs in curves.items()}
 
 
+def aggregate_finals(curves, tag: str, datasets: List[str], methods: List[str]) -> Dict:
+    """Final scores for one aggregate group, each cell's runs ordered so that those from the offline checkpoints
+    fine-tuned by more methods (of any group) come first, then by name. `aggregates` keeps a method's first runs
+    where it has more on one dataset than on another, so the runs kept start, where they can, from the checkpoints
+    that the other methods, baselines included, also started from; a seed that only some methods ran is left out
+    before one that all ran."""
+    final = {}
+    for dataset in datasets:
+        uses = defaultdict(int)
+        for (d, _), runs in curves.items():
+            for key in runs if d == dataset else ():
+                uses[key] += 1
+        for method in methods:
+            runs = curves[(dataset, method)]
+            final[(dataset, method)] = np.array([runs[key][tag][1][-1] for key in sorted(runs, key=lambda k: (-uses[k], k))])
+    return final
+
+
 def paired_finals(curves, tag: str, dataset: str, algo: str, variant: str):
     """Final scores of {algo}-{variant} on the runs that BAQ and both ablations share (same seed and offline
     checkpoint), in one order, so that differences pair runs from the same checkpoint."""
@@ -298,8 +316,8 @@ def aggregates(final: Dict, datasets: List[str], methods: List[str], reps: int, 
     dataset), and for each BAQ variant the probability of improvement over its backbone, P(X > Y) (the
     Mann-Whitney probability that a run of X beats a run of Y on a dataset, averaged over datasets), with its
     interval. Every method must have run on every one of `datasets`; each counts as many runs as its fewest on
-    one of them (the bootstrap resamples within datasets, so a method's runs form a runs x datasets matrix), and
-    methods may differ in that count."""
+    one of them (the bootstrap resamples within datasets, so a method's runs form a runs x datasets matrix: the
+    first ones of a cell, in the order `aggregate_finals` gives), and methods may differ in that count."""
     import warnings
 
     from rliable import library as rly
@@ -321,7 +339,9 @@ def aggregates(final: Dict, datasets: List[str], methods: List[str], reps: int, 
     improvement = rly.get_interval_estimates({f"{x},{y}": v for (x, y), v in pairs.items()},
                                              metrics.probability_of_improvement, reps=reps,
                                              random_state=np.random.RandomState(seed + 1)) if pairs else ({}, {})
-    return {"datasets": datasets, "runs": runs, "points": points, "intervals": intervals, "improvement": improvement}
+    left_out = {(d, m): len(final[(d, m)]) - runs[m] for d in datasets for m in methods if len(final[(d, m)]) > runs[m]}
+    return {"datasets": datasets, "runs": runs, "points": points, "intervals": intervals, "improvement": improvement,
+            "left_out": left_out}
 
 
 def offline_lines(records: List[dict]) -> List[str]:
@@ -356,6 +376,11 @@ def aggregate_lines(stats) -> List[str]:
              f"Over {plural(len(stats['datasets']), 'dataset')} ({', '.join(short_name(d) for d in stats['datasets'])}) "
              f"x {seeds}. IQM: the mean of the middle 50% of runs, robust to one outlier seed.", "",
              "| method | runs | IQM [95% CI] | mean [95% CI] |", "|---|---|---|---|"]
+    if stats["left_out"]:  # the bootstrap resamples a runs x datasets matrix: as many runs on each dataset
+        lines[-2:-2] = ["Left out (a method counts as many runs on each dataset as on its fewest; those kept come "
+                        "from the offline checkpoints most methods started from): " +
+                        ", ".join(f"{METHOD_LABELS[m]} {plural(n, 'run')} on {short_name(d)}"
+                                  for (d, m), n in stats["left_out"].items()) + ".", ""]
     for method, point in stats["points"].items():
         low, high = stats["intervals"][method]
         lines.append(f"| {METHOD_LABELS[method]} | {stats['runs'][method] * len(stats['datasets'])} | "
@@ -513,7 +538,8 @@ def main(args: Args):
     title = (f"preset {args.preset}, {'/'.join(map(str, seeds))} seed{'s' if seeds != [1] else ''} per method, "
              f"{budget:,} online steps")
     final = statistic(curves, tag, "final")
-    groups = [aggregates(final, group_datasets, group_methods, args.bootstrap_reps)
+    groups = [aggregates(aggregate_finals(curves, tag, group_datasets, group_methods), group_datasets, group_methods,
+                         args.bootstrap_reps)
               for group_datasets, group_methods in aggregate_groups(final, datasets, methods)]
     if groups:  # the field's few-run statistics lead
         lines += [line for stats in groups for line in aggregate_lines(stats)] + ["![aggregates](aggregates.png)", ""]

@@ -265,6 +265,26 @@ def test_aggregates_of_an_uneven_grid_keep_every_run():
     assert next(line for line in lines if line.startswith("| P(IQL+BAQ > IQL) |")).endswith("| yes, X better |")
 
 
+def test_aggregates_keep_the_runs_from_the_checkpoints_most_methods_share():
+    """hopper has 4 IQL runs from two machines' checkpoints (A: IQL only; B: IQL and SO2), halfcheetah 2: the 2
+    hopper runs kept for IQL are B's, the ones SO2 also started from, whichever names sort first; the rest is named."""
+    report = importlib.import_module("benchmark.report")
+
+    def runs(scores):
+        return {key: {"eval/normalized_score": (np.array([0, 5000]), np.array([0.0, score]))} for key, score in scores.items()}
+    hopper, cheetah = "baq-hopper-medium-v0", "baq-halfcheetah-medium-v0"
+    curves = {(hopper, "iql"): runs({"seed1 (A)": 10.0, "seed1 (B)": 50.0, "seed2 (A)": 20.0, "seed2 (B)": 60.0}),
+              (hopper, "iql-so2"): runs({"seed1 (B)": 55.0, "seed2 (B)": 65.0}),
+              (cheetah, "iql"): runs({"seed1 (C)": 40.0, "seed2 (C)": 42.0})}
+    final = report.aggregate_finals(curves, "eval/normalized_score", [hopper, cheetah], ["iql"])
+    np.testing.assert_array_equal(final[(hopper, "iql")], [50.0, 60.0, 10.0, 20.0])
+    stats = report.aggregates(final, [hopper, cheetah], ["iql"], reps=100)
+    assert stats["runs"] == {"iql": 2} and stats["left_out"] == {(hopper, "iql"): 2}
+    np.testing.assert_allclose(stats["points"]["iql"][1], (50 + 60 + 40 + 42) / 4)  # B's hopper runs, not A's
+    assert "Left out (a method counts as many runs on each dataset as on its fewest; those kept come from the " \
+           "offline checkpoints most methods started from): IQL 2 runs on hopper-medium." in report.aggregate_lines(stats)
+
+
 @pytest.mark.parametrize("runs, datasets, verdict", [(2, 1, "too few runs for a verdict: 0.33"),
                                                      (3, 1, "too few runs for a verdict: 0.10"),
                                                      (4, 1, "yes, X better"), (2, 3, "yes, X better")])
