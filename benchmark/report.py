@@ -11,7 +11,7 @@ import math
 import os
 import platform
 import textwrap
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 from typing import Dict, List, Literal, Optional
 
@@ -211,10 +211,7 @@ def aggregate_finals(curves, tag: str, datasets: List[str], methods: List[str]) 
     before one that all ran."""
     final = {}
     for dataset in datasets:
-        uses = defaultdict(int)
-        for (d, _), runs in curves.items():
-            for key in runs if d == dataset else ():
-                uses[key] += 1
+        uses = Counter(key for (d, _), runs in curves.items() if d == dataset for key in runs)
         for method in methods:
             runs = curves[(dataset, method)]
             final[(dataset, method)] = np.array([runs[key][tag][1][-1] for key in sorted(runs, key=lambda k: (-uses[k], k))])
