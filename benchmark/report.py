@@ -198,9 +198,9 @@ def score_tag(curves) -> str:
 
 def statistic(curves, tag: str, kind: str) -> Dict:
     """{(dataset, method): per-seed values}: the last evaluation ("final") or the mean of all ("mean"), runs in
-    the order of their names (the seeded bootstrap's intervals depend on it)."""
+    the order of their names (`curves_of` sorts them; the seeded bootstrap's intervals depend on it)."""
     pick = (lambda values: values[-1]) if kind == "final" else np.mean
-    return {key: np.array([pick(runs[name][tag][1]) for name in sorted(runs)]) for key, runs in curves.items()}
+    return {key: np.array([pick(run[tag][1]) for run in runs.values()]) for key, runs in curves.items()}
 
 
 def aggregate_finals(curves, tag: str, datasets: List[str], methods: List[str]) -> Dict:
@@ -371,13 +371,13 @@ def aggregate_lines(stats) -> List[str]:
     lines = [f"## Aggregates over every (dataset, seed) run of {family}: final score, 95% stratified bootstrap "
              "intervals (rliable)", "",
              f"Over {plural(len(stats['datasets']), 'dataset')} ({', '.join(short_name(d) for d in stats['datasets'])}) "
-             f"x {seeds}. IQM: the mean of the middle 50% of runs, robust to one outlier seed.", "",
-             "| method | runs | IQM [95% CI] | mean [95% CI] |", "|---|---|---|---|"]
+             f"x {seeds}. IQM: the mean of the middle 50% of runs, robust to one outlier seed.", ""]
     if stats["left_out"]:  # the bootstrap resamples a runs x datasets matrix: as many runs on each dataset
-        lines[-2:-2] = ["Left out (a method counts as many runs on each dataset as on its fewest; those kept come "
-                        "from the offline checkpoints most methods started from): " +
-                        ", ".join(f"{METHOD_LABELS[m]} {plural(n, 'run')} on {short_name(d)}"
-                                  for (d, m), n in stats["left_out"].items()) + ".", ""]
+        lines += ["Left out (a method counts as many runs on each dataset as on its fewest; those kept come from the "
+                  "offline checkpoints most methods started from): " +
+                  ", ".join(f"{METHOD_LABELS[m]} {plural(n, 'run')} on {short_name(d)}"
+                            for (d, m), n in stats["left_out"].items()) + ".", ""]
+    lines += ["| method | runs | IQM [95% CI] | mean [95% CI] |", "|---|---|---|---|"]
     for method, point in stats["points"].items():
         low, high = stats["intervals"][method]
         lines.append(f"| {METHOD_LABELS[method]} | {stats['runs'][method] * len(stats['datasets'])} | "
