@@ -290,31 +290,38 @@ def aggregate_groups(final: Dict, datasets: List[str], methods: List[str]) -> Li
     """The (datasets, methods) each aggregate covers. rliable compares methods over one set of datasets, and a grid
     is uneven (the baselines run on the medium datasets only, seeds arrive over sessions), so per backbone the first
     group takes the datasets where the backbone and its BAQ ran, with every method of that backbone that ran on all
-    of them; if that leaves some of its methods out, a second group compares all of them where all ran."""
+    of them; each method that leaves out is then compared where it and the backbone ran, with every method of the
+    family that ran there too (one group per distinct set of datasets: SO2 and SUF on the medium datasets share one)."""
     def covering(group):
         return [d for d in datasets if all((d, m) in final for m in group)]
+
+    def ran_on_all(family, where):
+        return [m for m in family if all((d, m) in final for d in where)]
 
     groups = []
     for algo in ("iql", "cql"):
         family = [m for m in methods if backbone(m) == algo]
         lead = covering([m for m in (algo, f"{algo}-baq") if m in family] or family)
-        members = [m for m in family if all((d, m) in final for d in lead)]
+        members = ran_on_all(family, lead)
         if lead and members:
             groups.append((lead, members))
-        everywhere = covering(family)
-        if everywhere and members != family:
-            groups.append((everywhere, family))
+        for method in (m for m in family if m not in members):
+            where = covering([m for m in (algo, method) if m in family])
+            group = (where, ran_on_all(family, where))
+            if where and group not in groups:
+                groups.append(group)
     return groups
 
 
 def aggregates(final: Dict, datasets: List[str], methods: List[str], reps: int, seed: int = 0):
     """rliable's few-run statistics of the final scores over every (dataset, seed) run: per method the
     interquartile mean and the mean with 95% stratified bootstrap intervals (runs resampled within each
-    dataset), and for each BAQ variant the probability of improvement over its backbone, P(X > Y) (the
-    Mann-Whitney probability that a run of X beats a run of Y on a dataset, averaged over datasets), with its
-    interval. Every method must have run on every one of `datasets`; each counts as many runs as its fewest on
-    one of them (the bootstrap resamples within datasets, so a method's runs form a runs x datasets matrix: the
-    first ones of a cell, in the order `aggregate_finals` gives), and methods may differ in that count."""
+    dataset), and for each BAQ variant the probability of improvement over its backbone (and BAQ adaptive's over
+    BAQ), P(X > Y) (the Mann-Whitney probability that a run of X beats a run of Y on a dataset, averaged over
+    datasets), with its interval. Every method must have run on every one of `datasets`; each counts as many runs
+    as its fewest on one of them (the bootstrap resamples within datasets, so a method's runs form a runs x
+    datasets matrix: the first ones of a cell, in the order `aggregate_finals` gives), and methods may differ in
+    that count."""
     import warnings
 
     from rliable import library as rly
@@ -332,6 +339,9 @@ def aggregates(final: Dict, datasets: List[str], methods: List[str], reps: int, 
     points, intervals = rly.get_interval_estimates(scores, iqm_and_mean, reps=reps, random_state=np.random.RandomState(seed))
     pairs = {(m, backbone(m)): [scores[m], scores[backbone(m)]] for m in methods
              if m != backbone(m) and backbone(m) in methods and ("baq" in m or "our-" in m)}
+    # the later paper's question: does the adaptive constraint improve on BAQ itself
+    pairs.update({(m, m.replace("-adaptive", "")): [scores[m], scores[m.replace("-adaptive", "")]] for m in methods
+                  if m.endswith("-adaptive") and m.replace("-adaptive", "") in methods})
     np.random.seed(seed + 1)
     improvement = rly.get_interval_estimates({f"{x},{y}": v for (x, y), v in pairs.items()},
                                              metrics.probability_of_improvement, reps=reps,

@@ -250,12 +250,18 @@ def test_aggregates_are_the_same_in_every_report():
 
 def test_aggregates_of_an_uneven_grid_keep_every_run():
     """Baselines on fewer datasets and methods with fewer seeds neither drop datasets nor runs from BAQ's
-    comparison with its backbone: each backbone leads with the datasets where it and its BAQ ran."""
+    comparison with its backbone: each backbone leads with the datasets where it and its BAQ ran, and each method
+    left out is compared where it ran (SO2 on d1, BAQ adaptive on d2: neither shrinks the other's group)."""
     report = importlib.import_module("benchmark.report")
     final = {("d1", "iql"): np.arange(3.0), ("d2", "iql"): np.arange(4.0), ("d1", "iql-baq"): np.arange(2.0) + 10,
-             ("d2", "iql-baq"): np.arange(2.0) + 10, ("d1", "iql-so2"): np.arange(1.0), ("d1", "cql"): np.arange(2.0)}
-    groups = report.aggregate_groups(final, ["d1", "d2"], ["iql", "iql-so2", "iql-baq", "cql"])
-    assert groups == [(["d1", "d2"], ["iql", "iql-baq"]), (["d1"], ["iql", "iql-so2", "iql-baq"]), (["d1"], ["cql"])]
+             ("d2", "iql-baq"): np.arange(2.0) + 10, ("d1", "iql-so2"): np.arange(1.0), ("d1", "cql"): np.arange(2.0),
+             ("d2", "iql-baq-adaptive"): np.arange(2.0) + 20}
+    groups = report.aggregate_groups(final, ["d1", "d2"], ["iql", "iql-so2", "iql-baq", "iql-baq-adaptive", "cql"])
+    assert groups == [(["d1", "d2"], ["iql", "iql-baq"]), (["d1"], ["iql", "iql-so2", "iql-baq"]),
+                      (["d2"], ["iql", "iql-baq", "iql-baq-adaptive"]), (["d1"], ["cql"])]
+    adaptive = report.aggregates(final, *groups[2], reps=200)["improvement"][0]
+    assert set(adaptive) == {"iql-baq,iql", "iql-baq-adaptive,iql", "iql-baq-adaptive,iql-baq"}
+    assert adaptive["iql-baq-adaptive,iql-baq"] == pytest.approx(1.0)  # 20, 21 beat 10, 11: the constraint over BAQ
     stats = report.aggregates(final, *groups[0], reps=200)
     assert stats["runs"] == {"iql": 3, "iql-baq": 2}  # IQL's fewest on one dataset (3 on d1), not BAQ's 2
     np.testing.assert_allclose(stats["points"]["iql"][1], 1.0)  # mean of 0, 1, 2 on both datasets
