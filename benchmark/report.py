@@ -290,8 +290,8 @@ def aggregate_groups(final: Dict, datasets: List[str], methods: List[str]) -> Li
     """The (datasets, methods) each aggregate covers. rliable compares methods over one set of datasets, and a grid
     is uneven (the baselines run on the medium datasets only, seeds arrive over sessions), so per backbone the first
     group takes the datasets where the backbone and its BAQ ran, with every method of that backbone that ran on all
-    of them; each method that leaves out is then compared where it and the backbone ran, with every method of the
-    family that ran there too (one group per distinct set of datasets: SO2 and SUF on the medium datasets share one)."""
+    of them; each method that group leaves out is then compared where it and the backbone ran, with every method
+    of the family that ran there too (one group per set of datasets: SO2 and SUF on the medium datasets share one)."""
     def covering(group):
         return [d for d in datasets if all((d, m) in final for m in group)]
 
