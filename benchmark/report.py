@@ -339,9 +339,10 @@ def aggregates(final: Dict, datasets: List[str], methods: List[str], reps: int, 
     points, intervals = rly.get_interval_estimates(scores, iqm_and_mean, reps=reps, random_state=np.random.RandomState(seed))
     pairs = {(m, backbone(m)): [scores[m], scores[backbone(m)]] for m in methods
              if m != backbone(m) and backbone(m) in methods and ("baq" in m or "our-" in m)}
-    # the later paper's question: does the adaptive constraint improve on BAQ itself
-    pairs.update({(m, m.replace("-adaptive", "")): [scores[m], scores[m.replace("-adaptive", "")]] for m in methods
-                  if m.endswith("-adaptive") and m.replace("-adaptive", "") in methods})
+    for m in methods:  # the later paper's question: does the adaptive constraint improve on BAQ itself
+        baq = m.removesuffix("-adaptive")
+        if baq != m and baq in methods:
+            pairs[(m, baq)] = [scores[m], scores[baq]]
     np.random.seed(seed + 1)
     improvement = rly.get_interval_estimates({f"{x},{y}": v for (x, y), v in pairs.items()},
                                              metrics.probability_of_improvement, reps=reps,
