@@ -73,6 +73,9 @@ class Args:
     {iql,cql}-so2, {iql,cql}-suf, cql-off2on"""
     seeds: Optional[int] = None
     """seeds 1..N, N >= 1 (default: the preset's)"""
+    first_seed: int = 1
+    """the grid's first seed, so it runs --first-seed..N: `--first-seed 3 --seeds 3` adds seed 3 alone, e.g. on a
+    machine without the run folders of seeds 1 and 2 (a rerun would retrain them from new checkpoints)"""
     workers: int = os.cpu_count() or 1
     """runs at a time (>= 1), one torch thread each"""
     root: str = os.path.join(ROOT, "benchmark", "runs")
@@ -122,7 +125,7 @@ def plan(args: Args) -> List[Job]:
     python, jobs = sys.executable, []
     for dataset in datasets:
         base = os.path.join(args.root, args.preset, dataset.replace("/", "-"))
-        for seed in range(1, (args.seeds or preset["seeds"]) + 1):
+        for seed in range(args.first_seed, (args.seeds or preset["seeds"]) + 1):
             common = ["--env-id", dataset, "--seed", str(seed), *preset["extra"]]
             bc_extra = [f for f in preset["extra"] if f != "--no-compile"]
             bc = Job(f"{dataset} bc seed{seed}", os.path.join(base, "pretrain-bc", f"seed{seed}"), "bc.pt",
@@ -197,6 +200,11 @@ def check_args(args: Args):
     if args.seeds is not None and args.seeds < 1:
         raise SystemExit(f"error: --seeds {args.seeds}: the grid runs seeds 1..N, so N must be 1 or more (omit "
                          f"--seeds for the preset's {PRESETS[args.preset]['seeds']}).")
+    last_seed = args.seeds or PRESETS[args.preset]["seeds"]
+    if not 1 <= args.first_seed <= last_seed:
+        raise SystemExit(f"error: --first-seed {args.first_seed}: the grid runs seeds --first-seed..N with N = {last_seed} "
+                         f"({'--seeds' if args.seeds else 'the preset'}), so it would run none; give a first seed from 1 "
+                         f"to {last_seed}, or raise --seeds.")
 
 
 def schedule(args: Args, pending, running, failed, skipped, start_time):

@@ -83,6 +83,16 @@ def test_a_run_that_wrote_a_resume_checkpoint_continues_from_it(tmp_path):
     assert not interrupted.exists()
 
 
+def test_first_seed_adds_later_seeds_alone(tmp_path):
+    """`--first-seed 3 --seeds 4` plans seeds 3 and 4 with their own pretrainings, and nothing of seeds 1 and 2."""
+    run = importlib.import_module("benchmark.run")
+    jobs = run.plan(run.Args(preset="smoke", datasets=["d"], methods=["iql", "iql-baq"], seeds=4, first_seed=3,
+                             root=str(tmp_path)))
+    assert [job.name for job in jobs] == [f"d {kind} seed{seed}" for seed in (3, 4)
+                                          for kind in ("bc", "offline-iql", "iql", "iql-baq")]
+    assert all(job.command[job.command.index("--seed") + 1] == job.name[-1] for job in jobs)
+
+
 def test_report_writes_tables_and_figures(grid, minari_store, tmp_path):
     root, _ = grid
     result = benchmark("report.py", minari_store, "--preset", "smoke", "--root", str(root), "--output", str(tmp_path),
@@ -193,7 +203,8 @@ def test_report_names_unfinished_runs(grid, minari_store, tmp_path):
 
 
 @pytest.mark.parametrize("flags, words", [(["--workers", "0"], "--workers 0"), (["--seeds", "0"], "--seeds 0"),
-                                          (["--seeds", "-1"], "--seeds -1")])
+                                          (["--seeds", "-1"], "--seeds -1"), (["--first-seed", "0"], "--first-seed 0"),
+                                          (["--first-seed", "3", "--seeds", "2"], "--first-seed 3")])
 def test_run_refuses_an_empty_or_endless_grid(minari_store, tmp_path, flags, words):
     result = benchmark("run.py", minari_store, "--preset", "smoke", "--datasets", "baq/hopper/tiny-v0",
                        "--root", str(tmp_path), *flags)
