@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import List, Literal, Optional
@@ -361,9 +362,8 @@ def schedule_on_ray(args: Args, pending, failed, skipped, start_time):
 def probe_writable(folder: str):
     """Create `folder` if needed and write a file in it: raises OSError where this user or node cannot."""
     os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, ".write-probe"), "w"):
+    with tempfile.TemporaryFile(dir=folder):  # a name of its own: grids started together on one root do not collide
         pass
-    os.remove(os.path.join(folder, ".write-probe"))
 
 
 def check_root(args: Args):

@@ -314,3 +314,12 @@ def test_no_verdict_where_complete_separation_could_be_chance(runs, datasets, ve
     stats = report.aggregates(final, names, ["iql", "iql-baq"], reps=200)
     row = next(line for line in report.aggregate_lines(stats) if line.startswith("| P(IQL+BAQ > IQL) |"))
     assert row.endswith(f"| 1.00 [1.00, 1.00] | {verdict} |")
+
+
+def test_grids_started_together_do_not_trip_over_the_root_check(tmp_path):
+    """Two run.py started at once on one --root both pass its writability check (a shared probe file did not)."""
+    from concurrent.futures import ThreadPoolExecutor
+    run = importlib.import_module("benchmark.run")
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda _: [run.probe_writable(str(tmp_path)) for _ in range(200)], range(8)))
+    assert list(tmp_path.iterdir()) == []
