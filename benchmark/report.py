@@ -291,26 +291,38 @@ def aggregate_groups(final: Dict, datasets: List[str], methods: List[str]) -> Li
     is uneven (the baselines run on the medium datasets only, seeds arrive over sessions), so per backbone the first
     group takes the datasets where the backbone and its BAQ ran, with every method of that backbone that ran on all
     of them; each method that group leaves out is then compared where it and the backbone ran, with every method
-    of the family that ran there too (one group per set of datasets: SO2 and SUF on the medium datasets share one)."""
-    def covering(group):
-        return [d for d in datasets if all((d, m) in final for m in group)]
+    of the family that ran there too (one group per set of datasets: SO2 and SUF on the medium datasets share one).
+    "Ran" means 2 runs or more wherever the group's pair has them on some dataset: a method counts as many runs on
+    every dataset as on its fewest, so one dataset with a single new seed would cut all others to one run and leave
+    the bootstrap nothing to resample within a dataset; such a dataset joins once its second seed has."""
+    def covering(group, least):
+        return [d for d in datasets if all(len(final.get((d, m), ())) >= least for m in group)]
 
-    def ran_on_all(family, where):
-        return [m for m in family if all((d, m) in final for d in where)]
+    def ran_on_all(family, where, least):
+        return [m for m in family if all(len(final.get((d, m), ())) >= least for d in where)]
+
+    def group_of(pair, family):
+        least = 2 if covering(pair, 2) else 1
+        where = covering(pair, least)
+        return where, ran_on_all(family, where, least)
 
     groups = []
     for algo in ("iql", "cql"):
         family = [m for m in methods if backbone(m) == algo]
-        lead = covering([m for m in (algo, f"{algo}-baq") if m in family] or family)
-        members = ran_on_all(family, lead)
+        lead, members = group_of([m for m in (algo, f"{algo}-baq") if m in family] or family, family)
         if lead and members:
             groups.append((lead, members))
         for method in (m for m in family if m not in members):
-            where = covering([m for m in (algo, method) if m in family])
-            group = (where, ran_on_all(family, where))
-            if where and group not in groups:
+            group = group_of([m for m in (algo, method) if m in family], family)
+            if group[0] and group not in groups:
                 groups.append(group)
     return groups
+
+
+def outside_aggregates(final: Dict, groups: List[tuple]) -> List[tuple]:
+    """The (dataset, method) cells that no aggregate group holds, with their run counts."""
+    held = {(d, m) for where, members in groups for d in where for m in members}
+    return [(d, m, len(v)) for (d, m), v in sorted(final.items()) if (d, m) not in held]
 
 
 def aggregates(final: Dict, datasets: List[str], methods: List[str], reps: int, seed: int = 0):
@@ -546,11 +558,18 @@ def main(args: Args):
     title = (f"preset {args.preset}, {'/'.join(map(str, seeds))} seed{'s' if seeds != [1] else ''} per method, "
              f"{budget:,} online steps")
     final = statistic(curves, tag, "final")
+    grouping = aggregate_groups(final, datasets, methods)
     groups = [aggregates(aggregate_finals(curves, tag, group_datasets, group_methods), group_datasets, group_methods,
                          args.bootstrap_reps)
-              for group_datasets, group_methods in aggregate_groups(final, datasets, methods)]
+              for group_datasets, group_methods in grouping]
     if groups:  # the field's few-run statistics lead
-        lines += [line for stats in groups for line in aggregate_lines(stats)] + ["![aggregates](aggregates.png)", ""]
+        lines += [line for stats in groups for line in aggregate_lines(stats)]
+        outside = outside_aggregates(final, grouping)
+        if outside:
+            lines += ["In no aggregate (a single run where the rest have two or more, or no backbone to compare with): " +
+                      ", ".join(f"{METHOD_LABELS[m]} on {short_name(d)} ({plural(n, 'run')})" for d, m, n in outside) +
+                      ".", ""]
+        lines += ["![aggregates](aggregates.png)", ""]
         plot_aggregates(groups, os.path.join(output, "aggregates.png"), f"Aggregates, {title}")
     lines += offline_lines(committed + runs)
     for kind, when in (("final", "at the end of the online budget"),

@@ -282,6 +282,23 @@ def test_aggregates_of_an_uneven_grid_keep_every_run():
     assert next(line for line in lines if line.startswith("| P(IQL+BAQ > IQL) |")).endswith("| yes, X better |")
 
 
+def test_a_dataset_with_a_single_new_seed_waits_out_of_the_aggregates():
+    """A grid growing seed by seed: d3's first seed (and BAQ adaptive's on d2) would cut every other dataset to one
+    run, so they stay out of the groups, named, until their second seed; with every cell at one run, one is used."""
+    report = importlib.import_module("benchmark.report")
+    final = {(d, m): np.arange(2.0) for d in ("d1", "d2") for m in ("iql", "iql-baq")}
+    final.update({("d3", "iql"): np.zeros(1), ("d3", "iql-baq"): np.zeros(1), ("d1", "iql-baq-adaptive"): np.arange(2.0),
+                  ("d2", "iql-baq-adaptive"): np.zeros(1)})
+    groups = report.aggregate_groups(final, ["d1", "d2", "d3"], ["iql", "iql-baq", "iql-baq-adaptive"])
+    assert groups == [(["d1", "d2"], ["iql", "iql-baq"]), (["d1"], ["iql", "iql-baq", "iql-baq-adaptive"])]
+    assert report.outside_aggregates(final, groups) == [("d2", "iql-baq-adaptive", 1), ("d3", "iql", 1),
+                                                        ("d3", "iql-baq", 1)]
+    single = {key: values[:1] for key, values in final.items()}
+    groups = report.aggregate_groups(single, ["d1", "d2", "d3"], ["iql", "iql-baq", "iql-baq-adaptive"])
+    assert groups == [(["d1", "d2", "d3"], ["iql", "iql-baq"]), (["d1", "d2"], ["iql", "iql-baq", "iql-baq-adaptive"])]
+    assert report.outside_aggregates(single, groups) == []
+
+
 def test_aggregates_keep_the_runs_from_the_checkpoints_most_methods_share():
     """hopper has 4 IQL runs from two machines' checkpoints (A: IQL only; B: IQL and SO2), halfcheetah 2: the 2
     hopper runs kept for IQL are B's, the ones SO2 also started from, whichever names sort first; the rest is named."""
