@@ -294,7 +294,7 @@ def aggregate_groups(final: Dict, datasets: List[str], methods: List[str]) -> Li
     of the family that ran there too (one group per set of datasets: SO2 and SUF on the medium datasets share one).
     "Ran" means 2 runs or more wherever the group's pair has them on some dataset: a method counts as many runs on
     every dataset as on its fewest, so one dataset with a single new seed would cut all others to one run and leave
-    the bootstrap nothing to resample within a dataset; such a dataset joins once its second seed has."""
+    the bootstrap nothing to resample within a dataset; such a dataset joins once its second seed has run."""
     def covering(group, least):
         return [d for d in datasets if all(len(final.get((d, m), ())) >= least for m in group)]
 
