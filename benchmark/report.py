@@ -295,11 +295,14 @@ def aggregate_groups(final: Dict, datasets: List[str], methods: List[str]) -> Li
     "Ran" means 2 runs or more wherever the group's pair has them on some dataset: a method counts as many runs on
     every dataset as on its fewest, so one dataset with a single new seed would cut all others to one run and leave
     the bootstrap nothing to resample within a dataset; such a dataset joins once its second seed has run."""
+    def ran(d, m, least):
+        return len(final.get((d, m), ())) >= least
+
     def covering(group, least):
-        return [d for d in datasets if all(len(final.get((d, m), ())) >= least for m in group)]
+        return [d for d in datasets if all(ran(d, m, least) for m in group)]
 
     def ran_on_all(family, where, least):
-        return [m for m in family if all(len(final.get((d, m), ())) >= least for d in where)]
+        return [m for m in family if all(ran(d, m, least) for d in where)]
 
     def group_of(pair, family):
         least = 2 if covering(pair, 2) else 1
