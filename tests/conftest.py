@@ -1,6 +1,7 @@
 """Fixtures: tiny Minari datasets built in a temporary MINARI_DATASETS_PATH, and a runner for the
 top-level scripts as a user runs them (a subprocess with flags)."""
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +20,26 @@ sys.path.insert(0, str(ROOT))
 # Hopper falls after ~18 steps on average under these actions, so a 20-step limit gives both terminations
 # and truncations in a few thousand steps.
 TINY_MAX_EPISODE_STEPS = 20
+
+
+def interruptible(command, environment) -> subprocess.Popen:
+    """Start a command as from a terminal, where Ctrl-C (SIGINT) reaches it. A shell's `command &` (nohup, a
+    runner's background job) starts pytest with SIGINT ignored, its children inherit that, and Python then
+    installs no KeyboardInterrupt handler: a test that sends Ctrl-C would wait on a run that never stops."""
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+
+def ctrl_c(process: subprocess.Popen, timeout: float = 120):
+    """Send Ctrl-C and return (stdout, stderr) once the process ends; one still running after `timeout` seconds
+    is killed rather than left behind, and the test fails."""
+    process.send_signal(signal.SIGINT)
+    try:
+        return process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        _, stderr = process.communicate()
+        raise AssertionError(f"still running {timeout} s after Ctrl-C, killed: {process.args}\n{stderr}")
 
 
 def build_dataset(dataset_id: str, env_name: str, num_steps: int, seed: int, ref_scores=None):

@@ -2,7 +2,6 @@
 module) gives what the local launcher gives, resumes after an interruption, reports a failing run while
 the rest finish, and refuses a wrong address or root in seconds."""
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -10,7 +9,7 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT, read_scalars
+from conftest import ROOT, ctrl_c, interruptible, read_scalars
 from test_benchmark import benchmark
 
 ray = pytest.importorskip("ray")
@@ -70,12 +69,11 @@ def test_an_interrupted_ray_grid_resumes(grids, minari_store, ray_address, tmp_p
     environment = {**os.environ, "MINARI_DATASETS_PATH": str(minari_store), "PYTHONWARNINGS": "ignore"}
     command = [sys.executable, str(ROOT / "benchmark" / "run.py"), "--preset", "smoke", "--datasets", "baq/hopper/tiny-v0",
                "--methods", *METHODS, "--seeds", "1", "--root", str(root), "--launcher", "ray", "--ray-address", ray_address]
-    grid = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment)
+    grid = interruptible(command, environment)
     while not list(root.glob("smoke/*/pretrain-*/seed1/*/*.pt")):  # interrupt after the first pretraining finished
         assert grid.poll() is None, grid.communicate()
         time.sleep(0.2)
-    grid.send_signal(signal.SIGINT)
-    stdout, stderr = grid.communicate(timeout=120)
+    stdout, stderr = ctrl_c(grid)
     assert grid.returncode == 130 and "interrupted:" in stderr and "Traceback" not in stderr, stdout + stderr
     time.sleep(1)
     leftovers = subprocess.run(["pgrep", "-f", str(root)], capture_output=True, text=True).stdout.split()

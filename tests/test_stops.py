@@ -1,20 +1,18 @@
 """Stopping a run with Ctrl-C: no traceback, one line that says what was saved and how to go on; and
 the progress a user sees while a phase runs."""
 import os
-import signal
-import subprocess
 import sys
 import time
 
 import pytest
 
-from conftest import ROOT, TINY_FLAGS
+from conftest import ROOT, TINY_FLAGS, ctrl_c, interruptible
 
 
 def start(script, minari_store, runs_dir, *flags):
     command = [sys.executable, str(ROOT / script), "--env-id", "baq/hopper/tiny-v0", "--runs-dir", str(runs_dir), *flags]
     environment = {**os.environ, "MINARI_DATASETS_PATH": str(minari_store), "PYTHONWARNINGS": "ignore"}
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment)
+    return interruptible(command, environment)
 
 
 def interrupt_once_written(process, runs_dir, name, timeout=300):
@@ -25,8 +23,7 @@ def interrupt_once_written(process, runs_dir, name, timeout=300):
         assert time.time() < deadline, f"{name} never appeared"
         time.sleep(0.2)
     time.sleep(1.0)
-    process.send_signal(signal.SIGINT)
-    stdout, stderr = process.communicate(timeout=120)
+    stdout, stderr = ctrl_c(process)
     return process.returncode, stdout, stderr
 
 
@@ -65,13 +62,12 @@ def test_ctrl_c_before_any_checkpoint_says_so(minari_store, tmp_path, script):
 
 def interrupt_after(command, environment, started_marker, stream="stdout", timeout=300):
     """Start a tool, wait for a marker in its output, send Ctrl-C; return exit code, stdout, stderr."""
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment)
+    process = interruptible(command, environment)
     deadline, seen = time.time() + timeout, ""
     while started_marker not in seen:
         assert process.poll() is None and time.time() < deadline, process.communicate()
         seen += getattr(process, stream).readline()
-    process.send_signal(signal.SIGINT)
-    stdout, stderr = process.communicate(timeout=120)
+    stdout, stderr = ctrl_c(process)
     return process.returncode, seen + stdout, stderr
 
 
