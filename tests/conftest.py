@@ -14,20 +14,18 @@ import gymnasium as gym
 import numpy as np
 import pytest
 
+# A shell's `pytest &` (nohup, a runner's background job) starts pytest with SIGINT ignored; every run a test starts
+# would inherit that, Python then installs no KeyboardInterrupt handler, and the tests that send Ctrl-C would wait on
+# runs that never stop. With Python's own handler here, the runs start with SIGINT at its default, as from a terminal.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 # Hopper falls after ~18 steps on average under these actions, so a 20-step limit gives both terminations
 # and truncations in a few thousand steps.
 TINY_MAX_EPISODE_STEPS = 20
-
-
-def interruptible(command, environment) -> subprocess.Popen:
-    """Start a command as from a terminal, where Ctrl-C (SIGINT) reaches it. A shell's `command &` (nohup, a
-    runner's background job) starts pytest with SIGINT ignored, its children inherit that, and Python then
-    installs no KeyboardInterrupt handler: a test that sends Ctrl-C would wait on a run that never stops."""
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def ctrl_c(process: subprocess.Popen, timeout: float = 120):

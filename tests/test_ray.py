@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT, ctrl_c, interruptible, read_scalars
+from conftest import ROOT, ctrl_c, read_scalars
 from test_benchmark import benchmark
 
 ray = pytest.importorskip("ray")
@@ -69,7 +69,7 @@ def test_an_interrupted_ray_grid_resumes(grids, minari_store, ray_address, tmp_p
     environment = {**os.environ, "MINARI_DATASETS_PATH": str(minari_store), "PYTHONWARNINGS": "ignore"}
     command = [sys.executable, str(ROOT / "benchmark" / "run.py"), "--preset", "smoke", "--datasets", "baq/hopper/tiny-v0",
                "--methods", *METHODS, "--seeds", "1", "--root", str(root), "--launcher", "ray", "--ray-address", ray_address]
-    grid = interruptible(command, environment)
+    grid = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment)
     while not list(root.glob("smoke/*/pretrain-*/seed1/*/*.pt")):  # interrupt after the first pretraining finished
         assert grid.poll() is None, grid.communicate()
         time.sleep(0.2)

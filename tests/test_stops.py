@@ -1,18 +1,19 @@
 """Stopping a run with Ctrl-C: no traceback, one line that says what was saved and how to go on; and
 the progress a user sees while a phase runs."""
 import os
+import subprocess
 import sys
 import time
 
 import pytest
 
-from conftest import ROOT, TINY_FLAGS, ctrl_c, interruptible
+from conftest import ROOT, TINY_FLAGS, ctrl_c
 
 
 def start(script, minari_store, runs_dir, *flags):
     command = [sys.executable, str(ROOT / script), "--env-id", "baq/hopper/tiny-v0", "--runs-dir", str(runs_dir), *flags]
     environment = {**os.environ, "MINARI_DATASETS_PATH": str(minari_store), "PYTHONWARNINGS": "ignore"}
-    return interruptible(command, environment)
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment)
 
 
 def interrupt_once_written(process, runs_dir, name, timeout=300):
@@ -62,7 +63,7 @@ def test_ctrl_c_before_any_checkpoint_says_so(minari_store, tmp_path, script):
 
 def interrupt_after(command, environment, started_marker, stream="stdout", timeout=300):
     """Start a tool, wait for a marker in its output, send Ctrl-C; return exit code, stdout, stderr."""
-    process = interruptible(command, environment)
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment)
     deadline, seen = time.time() + timeout, ""
     while started_marker not in seen:
         assert process.poll() is None and time.time() < deadline, process.communicate()
