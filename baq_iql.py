@@ -122,11 +122,15 @@ class Args:
     kq: Optional[float] = None
     """k_q of Eq. 6; default: the offline dataset's mean of mean((pi_BC(s)-a)^2), so that a typical offline
     transition has w = exp(-1)"""
+    kq_scale: float = 1.0
+    """multiplies k_q (the default or --kq): > 1 weakens the weight, w -> 1"""
     krho: Optional[float] = None
-    """k_rho of Eq. 10; default: the offline dataset's mean of ||pi_BC(s)-a||, so that a typical offline
-    transition has rho = 2^alpha"""
+    """k_rho of Eq. 10; default: the offline mean of ||pi_BC(s)-a|| (rho = 2^alpha at a typical offline divergence)"""
     priority_alpha: float = 1.0
-    """alpha of Eq. 10 (0: uniform sampling; negative: transitions near pi_BC are sampled more)"""
+    """alpha of Eq. 10, in [-10, 10] (0: uniform sampling; negative: transitions near pi_BC are sampled more)"""
+    offline_priorities: bool = False
+    """give the offline data Eq. 10's rho too, per "the sampling probability of each transition in the replay
+    buffer" (Sec. 4.3); default: offline rho = 1, per "the priority of a new transition ... is calculated as" """
 
     # the adaptive behavior constraint of the later paper (off: the paper's Table 1 method)
     behavior_constraint: bool = False
@@ -513,17 +517,20 @@ def main(args: Args):
 
     # --- BAQ terms of the offline data: computed once, kept in the buffer ---------------------
     offline_divergence = bc_divergence(bc_policy, buffer.observations[:n_offline], buffer.actions[:n_offline])
-    kq = args.kq or offline_divergence.mean().item()
+    kq = (args.kq or offline_divergence.mean().item()) * args.kq_scale
     krho = args.krho or torch.sqrt(offline_divergence * act_dim).mean().item()
 
     def behavior_terms(divergence):
         weights = behavior_weight(divergence, kq) if args.weighted_loss else torch.ones_like(divergence)  # Eq. 6
         return weights, behavior_priority(divergence, act_dim, krho, args.priority_alpha)  # Eq. 10
 
-    set_offline_behavior_terms(buffer, *behavior_terms(offline_divergence))
-    offline_w, offline_rho = buffer.weights[:n_offline], buffer.priorities[:n_offline]
-    summary = (f"k_q {kq:.4g}, k_rho {krho:.4g}, alpha {args.priority_alpha}; offline data: "
-               f"w mean {offline_w.mean():.3f} (min {offline_w.min():.3f}), "
+    offline_w, offline_rho = behavior_terms(offline_divergence)
+    if not args.offline_priorities:  # Sec. 4.3: Eq. 10 prices a new transition; the offline data keeps rho = 1
+        offline_rho = torch.ones_like(offline_rho)
+    set_offline_behavior_terms(buffer, offline_w, offline_rho)
+    reading = "every transition's (--offline-priorities)" if args.offline_priorities else "new transitions' only"
+    summary = (f"k_q {kq:.4g}, k_rho {krho:.4g}, alpha {args.priority_alpha}, Eq. 10 priorities: {reading}; "
+               f"offline data: w mean {offline_w.mean():.3f} (min {offline_w.min():.3f}), "
                f"rho mean {offline_rho.mean():.3f} (max {offline_rho.max():.3f})")
     print(f"BAQ: {summary}")
     writer.add_text("baq", summary)
@@ -545,8 +552,8 @@ def main(args: Args):
     obs, _ = env.reset(seed=args.seed)
     episode_return, episode_length = 0.0, 0
     constraint_tags = ["baq/constraint_loss", "baq/uncertainty_mean"] if args.behavior_constraint else []
-    metric_tags = [f"losses/{name}" for name in Agent.METRICS] + constraint_tags + ["baq/w_mean", "baq/rho_mean",
-                                                                                   "baq/online_fraction"]
+    metric_tags = [f"losses/{name}" for name in Agent.METRICS] + constraint_tags + [
+        "baq/w_mean", "baq/rho_mean", "baq/online_fraction", "baq/online_weight_share"]
     metric_tags += ["baq/constraint_coef", "baq/confident_transitions"] if args.behavior_constraint else []
     metric_sum, start = torch.zeros(len(metric_tags), device=device), time.time()
     for step in progress(range(args.online_steps), f"online {args.exp_name}", "step"):
@@ -567,15 +574,16 @@ def main(args: Args):
             episode_return, episode_length = 0.0, 0
 
         idx, batch = buffer.sample(args.batch_size, prioritized=args.priority_sampling)  # Eq. 10: P_i ~ rho_i
+        weights, online = buffer.weights[idx], idx >= n_offline
         constraint, constraint_terms = None, []
         if args.behavior_constraint:  # n_conf counts this transition when the critics agree at pi(s)
             disagreement = agent.q_disagreement(state, agent.act(state, deterministic=True))
             confident += (disagreement < offline_disagreement).sum()
             coef = constraint_coefficient(args.constraint_coef, confident, args.constraint_half_life)
             constraint, constraint_terms = (bc_policy(batch[0]), coef, scale), [coef, confident]
-        metrics = agent.update(batch, buffer.weights[idx], constraint)  # Eqs. 8, 9: the critic losses weighted by w
-        batch_terms = torch.stack([buffer.weights[idx].mean(), buffer.priorities[idx].mean(),
-                                   (idx >= n_offline).float().mean()])
+        metrics = agent.update(batch, weights, constraint)  # Eqs. 8, 9: the critic losses weighted by w
+        batch_terms = torch.stack([weights.mean(), buffer.priorities[idx].mean(), online.float().mean(),
+                                   (weights * online).sum() / weights.sum()])  # the online share of the weighted loss
         metric_sum += torch.cat([metrics, batch_terms, torch.stack(constraint_terms)]) if constraint_terms else \
             torch.cat([metrics, batch_terms])
         if (step + 1) % args.log_every == 0 or step + 1 == args.online_steps:
@@ -637,8 +645,8 @@ FLAG_DOMAINS = {
                      "stop_after", "figure_points", "threads"], ("an integer >= 0", lambda v: v >= 0)),
     **dict.fromkeys(["eval_every", "eval_episodes", "log_every", "batch_size", "hidden_dim", "cql_n_actions",
                      "critic_updates", "actor_delay"], ("an integer >= 1", lambda v: v >= 1)),
-    **dict.fromkeys(["obs_norm_eps", "reward_scale", "bc_lr", "actor_lr", "critic_lr", "value_lr", "kq", "krho",
-                     "cql_temperature", "exp_adv_max", "density_lr", "priority_temperature"],
+    **dict.fromkeys(["obs_norm_eps", "reward_scale", "bc_lr", "actor_lr", "critic_lr", "value_lr", "kq", "kq_scale",
+                     "krho", "cql_temperature", "exp_adv_max", "density_lr", "priority_temperature"],
                     ("a number > 0", lambda v: v > 0)),
     **dict.fromkeys(["cql_alpha", "online_cql_alpha", "beta", "target_noise", "target_noise_clip"],
                     ("a number >= 0", lambda v: v >= 0)),
@@ -647,7 +655,7 @@ FLAG_DOMAINS = {
     "gamma": ("a number in [0, 1)", lambda v: 0 <= v < 1),
     "tau": ("a number in (0, 1]", lambda v: 0 < v <= 1),
     "expectile": ("a number in (0, 1)", lambda v: 0 < v < 1),
-    "priority_alpha": ("a finite number", lambda v: True),
+    "priority_alpha": ("a number in [-10, 10]", lambda v: -10 <= v <= 10),
     "target_entropy": ("a finite number", lambda v: True),
 }
 

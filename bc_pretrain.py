@@ -338,8 +338,8 @@ FLAG_DOMAINS = {
                      "stop_after", "figure_points", "threads"], ("an integer >= 0", lambda v: v >= 0)),
     **dict.fromkeys(["eval_every", "eval_episodes", "log_every", "batch_size", "hidden_dim", "cql_n_actions",
                      "critic_updates", "actor_delay"], ("an integer >= 1", lambda v: v >= 1)),
-    **dict.fromkeys(["obs_norm_eps", "reward_scale", "bc_lr", "actor_lr", "critic_lr", "value_lr", "kq", "krho",
-                     "cql_temperature", "exp_adv_max", "density_lr", "priority_temperature"],
+    **dict.fromkeys(["obs_norm_eps", "reward_scale", "bc_lr", "actor_lr", "critic_lr", "value_lr", "kq", "kq_scale",
+                     "krho", "cql_temperature", "exp_adv_max", "density_lr", "priority_temperature"],
                     ("a number > 0", lambda v: v > 0)),
     **dict.fromkeys(["cql_alpha", "online_cql_alpha", "beta", "target_noise", "target_noise_clip"],
                     ("a number >= 0", lambda v: v >= 0)),
@@ -348,7 +348,7 @@ FLAG_DOMAINS = {
     "gamma": ("a number in [0, 1)", lambda v: 0 <= v < 1),
     "tau": ("a number in (0, 1]", lambda v: 0 < v <= 1),
     "expectile": ("a number in (0, 1)", lambda v: 0 < v < 1),
-    "priority_alpha": ("a finite number", lambda v: True),
+    "priority_alpha": ("a number in [-10, 10]", lambda v: -10 <= v <= 10),
     "target_entropy": ("a finite number", lambda v: True),
 }
 

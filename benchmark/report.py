@@ -19,13 +19,21 @@ import numpy as np
 import tyro
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-METHOD_ORDER = ["iql", "iql-so2", "iql-suf", "iql-baq", "iql-baq-adaptive", "iql-our-q", "iql-our-s",
-                "cql", "cql-so2", "cql-suf", "cql-baq", "cql-baq-adaptive", "cql-our-q", "cql-our-s", "cql-off2on"]
 METHOD_LABELS = {"iql": "IQL", "iql-so2": "IQL+SO2", "iql-suf": "IQL+SUF", "iql-baq": "IQL+BAQ",
                  "iql-baq-adaptive": "IQL+BAQ adaptive", "iql-our-q": "IQL+Our-Q", "iql-our-s": "IQL+Our-S",
                  "cql": "CQL", "cql-so2": "CQL+SO2", "cql-suf": "CQL+SUF", "cql-baq": "CQL+BAQ",
                  "cql-baq-adaptive": "CQL+BAQ adaptive", "cql-our-q": "CQL+Our-Q", "cql-our-s": "CQL+Our-S",
-                 "cql-off2on": "Off2On"}
+                 "cql-off2on": "Off2On",
+                 # the other reading of Eq. 10 (--offline-priorities): the offline data has its rho too
+                 "iql-baq-offline-rho": "IQL+BAQ offline rho", "iql-our-s-offline-rho": "IQL+Our-S offline rho",
+                 "iql-baq-offline-rho-adaptive": "IQL+BAQ offline rho adaptive",
+                 "cql-baq-offline-rho": "CQL+BAQ offline rho", "cql-our-s-offline-rho": "CQL+Our-S offline rho",
+                 "cql-baq-offline-rho-adaptive": "CQL+BAQ offline rho adaptive",
+                 "iql-baq-kq4": "IQL+BAQ k_q x4", "iql-baq-kq16": "IQL+BAQ k_q x16"}
+METHOD_ORDER = ["iql", "iql-so2", "iql-suf", "iql-baq", "iql-baq-adaptive", "iql-our-q", "iql-our-s",
+                "iql-baq-offline-rho", "iql-baq-offline-rho-adaptive", "iql-our-s-offline-rho", "iql-baq-kq4", "iql-baq-kq16",
+                "cql", "cql-so2", "cql-suf", "cql-baq", "cql-baq-adaptive", "cql-our-q", "cql-our-s",
+                "cql-baq-offline-rho", "cql-baq-offline-rho-adaptive", "cql-our-s-offline-rho", "cql-off2on"]
 # one color per method in every figure; a CQL variant takes its IQL counterpart's color and is drawn dashed
 METHOD_COLORS = {method: "C7" if method == "cql-off2on" else f"C{i % 7}" for i, method in enumerate(METHOD_LABELS)}
 TABLE2_METHODS = ["cql", "cql-off2on", "cql-our-s"]  # the paper's Table 2: CQL, Off2On, Our-S
@@ -87,7 +95,8 @@ def read_runs(root: str, preset: str, missing: List[str] = None) -> List[dict]:
     return records
 
 
-RECORDED_TAGS = ("eval/normalized_score", "eval/return", "eval/q_bias", "baq/constraint_coef")
+RECORDED_TAGS = ("eval/normalized_score", "eval/return", "eval/q_bias", "baq/constraint_coef", "baq/w_mean", "baq/rho_mean",
+                 "baq/online_fraction", "baq/online_weight_share")
 
 
 def scalars_of(run_dir: str, tags) -> Dict[str, list]:

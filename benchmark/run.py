@@ -38,6 +38,16 @@ METHODS = {
     "cql-our-s": ("cql", "baq_cql.py", ["--no-weighted-loss"]),
     "iql-baq-adaptive": ("iql", "baq_iql.py", ["--behavior-constraint"]),  # the later paper's adaptive constraint
     "cql-baq-adaptive": ("cql", "baq_cql.py", ["--behavior-constraint"]),
+    # the other reading of Eq. 10 (--offline-priorities): the offline data gets its rho too, not rho = 1
+    "iql-baq-offline-rho": ("iql", "baq_iql.py", ["--offline-priorities"]),
+    "iql-our-s-offline-rho": ("iql", "baq_iql.py", ["--no-weighted-loss", "--offline-priorities"]),
+    "iql-baq-offline-rho-adaptive": ("iql", "baq_iql.py", ["--offline-priorities", "--behavior-constraint"]),
+    "cql-baq-offline-rho": ("cql", "baq_cql.py", ["--offline-priorities"]),
+    "cql-our-s-offline-rho": ("cql", "baq_cql.py", ["--no-weighted-loss", "--offline-priorities"]),
+    "cql-baq-offline-rho-adaptive": ("cql", "baq_cql.py", ["--offline-priorities", "--behavior-constraint"]),
+    # BAQ with a weaker weight (Eq. 6): k_q at 4x and 16x its default
+    "iql-baq-kq4": ("iql", "baq_iql.py", ["--kq-scale", "4"]),
+    "iql-baq-kq16": ("iql", "baq_iql.py", ["--kq-scale", "16"]),
     # the paper's baselines (benchmark/baselines/)
     "iql-so2": ("iql", "benchmark/baselines/so2.py", ["--algo", "iql"]),
     "iql-suf": ("iql", "benchmark/baselines/suf.py", ["--algo", "iql"]),

@@ -79,6 +79,21 @@ def test_offline_behavior_terms_rewrite_the_prefix_sum(script):
     assert_frequencies(sampled_frequencies(buffer, True), np.array([0.125, 0.125, 0.75]))
 
 
+@pytest.mark.parametrize("offline_priorities", [False, True])
+def test_the_two_readings_of_eq10_and_the_sampling_frequencies_they_give(script, offline_priorities):
+    """Six offline and two online transitions, all at divergence 1 from pi_BC (act_dim 1, k_rho 1, alpha 1), so Eq. 10
+    gives rho = (1 + 1)^1 = 2. The text's reading keeps the offline data at rho = 1: each online transition is drawn
+    with P = 2 / (6 + 2 * 2) = 0.2, twice as often as an offline one; giving the offline data its rho too makes the
+    sampling uniform again (1/8 each)."""
+    rho = script.behavior_priority(torch.ones(8), act_dim=1, krho=1.0, alpha=1.0)
+    torch.testing.assert_close(rho, torch.full((8,), 2.0))
+    offline_rho = rho[:6] if offline_priorities else torch.ones(6)
+    buffer = make_buffer(script, offline_rho.numpy())
+    buffer.add(np.array([[6.0], [7.0]]), np.zeros((2, 1)), [0.0, 0.0], np.zeros((2, 1)), [0.0, 0.0], [1.0, 1.0], rho[6:])
+    expected = np.full(8, 1 / 8) if offline_priorities else np.array([0.1] * 6 + [0.2] * 2)
+    assert_frequencies(sampled_frequencies(buffer, True), expected)
+
+
 def test_uniform_sampling_ignores_priorities(script):
     buffer = make_buffer(script, [1.0, 100.0, 1.0, 1.0])
     assert_frequencies(sampled_frequencies(buffer, False), np.full(4, 0.25))

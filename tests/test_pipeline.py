@@ -9,7 +9,7 @@ from conftest import ALL_SCRIPTS, PIPELINE_SCRIPTS, read_scalars
 ONLINE_STEPS, LOG_EVERY = 70, 20  # as in conftest.TINY_FLAGS
 REQUIRED_TAGS = ["eval/return", "eval/normalized_score", "eval/q_bias", "charts/SPS", "charts/episodic_return",
                  "losses/q_loss", "losses/actor_loss", "baq/w_mean", "baq/rho_mean", "baq/online_fraction",
-                 "offline/losses/q_loss", "offline/eval/return", "bc/loss"]
+                 "baq/online_weight_share", "offline/losses/q_loss", "offline/eval/return", "bc/loss"]
 
 
 @pytest.fixture(scope="module", params=PIPELINE_SCRIPTS)
@@ -37,8 +37,35 @@ def test_every_phase_updates_and_logs_finite_values(full_run):
     assert [s for s, _ in scalars["losses/q_loss"]] == [20, 40, 60, ONLINE_STEPS]
     assert [s for s, _ in scalars["eval/return"]] == [0, 30, 60, ONLINE_STEPS]
     assert all(0 < w < 1 for _, w in scalars["baq/w_mean"])  # BAQ weights are on by default
-    assert all(rho > 1 for _, rho in scalars["baq/rho_mean"])
-    assert 0 < scalars["baq/online_fraction"][-1][1] < 1
+    assert all(rho >= 1 for _, rho in scalars["baq/rho_mean"]) and scalars["baq/rho_mean"][-1][1] > 1
+    assert 0 < scalars["baq/online_fraction"][-1][1] < 1 and 0 < scalars["baq/online_weight_share"][-1][1] < 1
+
+
+def baq_summary(result) -> str:
+    return next(line for line in result.stdout.splitlines() if line.startswith("BAQ: "))
+
+
+def test_eq10_prices_only_new_transitions_by_default(full_run):
+    """Sec. 4.3: "The priority of a new transition ... is calculated as" Eq. 10; the offline data keeps rho = 1."""
+    _, result, _ = full_run
+    summary = baq_summary(result)
+    assert "Eq. 10 priorities: new transitions' only" in summary and "rho mean 1.000 (max 1.000)" in summary
+
+
+def test_offline_priorities_and_kq_scale(full_run, run_script, tmp_path):
+    script, _, first_dir = full_run
+    result, run_dir = run_script(script, tmp_path / "runs", "--offline-checkpoint", str(first_dir / "offline.pt"),
+                                 "--bc-checkpoint", str(first_dir / "bc.pt"), "--offline-priorities",
+                                 "--no-priority-sampling", "--kq-scale", "4")
+    assert result.returncode == 0, result.stderr
+    summary = baq_summary(result)
+    kq, default_kq = (float(baq_summary(r).split("k_q ")[1].split(",")[0]) for r in (result, full_run[1]))
+    assert kq == pytest.approx(4 * default_kq, rel=1e-3)
+    assert "Eq. 10 priorities: every transition's (--offline-priorities)" in summary
+    # the default k_rho (the offline mean of ||pi_BC(s) - a||) and alpha = 1 give the offline data a mean rho of 2
+    assert "rho mean 2.000" in summary
+    uniform_rho = [rho for _, rho in read_scalars(run_dir)["baq/rho_mean"]]  # uniform batches keep that mean
+    assert sum(uniform_rho) / len(uniform_rho) == pytest.approx(2.0, abs=0.05)
 
 
 def test_checkpoints_describe_themselves_and_hold_trained_networks(full_run):
@@ -92,12 +119,12 @@ def test_switches_off_give_unit_weights_and_uniform_sampling(full_run, run_scrip
     assert result.returncode == 0, result.stderr
     scalars = read_scalars(run_dir)
     assert all(w == 1.0 for _, w in scalars["baq/w_mean"])
-    # Default k_rho and alpha = 1 give the offline data a mean rho of exactly 2. Uniform batches keep that
-    # mean; proportional sampling draws E[rho^2] / E[rho] = 2 + Var(rho) / 2 > 2 (see test_every_phase...).
-    uniform_rho = [rho for _, rho in scalars["baq/rho_mean"]]
-    assert sum(uniform_rho) / len(uniform_rho) == pytest.approx(2.0, abs=0.05)
-    prioritized_rho = [rho for _, rho in read_scalars(full_run[2])["baq/rho_mean"]]
-    assert sum(prioritized_rho) / len(prioritized_rho) > sum(uniform_rho) / len(uniform_rho) + 0.02
+    # with w = 1 the online share of the weighted loss is the online share of the batch
+    share, fraction = ([v for _, v in scalars[f"baq/online_{name}"]] for name in ("weight_share", "fraction"))
+    assert share == pytest.approx(fraction, rel=1e-5) and max(fraction) > 0
+    # proportional sampling draws the online transitions (rho > 1; the offline data has rho = 1) more often
+    uniform, prioritized = (sum(f for _, f in s["baq/online_fraction"]) for s in (scalars, read_scalars(full_run[2])))
+    assert prioritized > 1.3 * uniform
 
 
 @pytest.mark.parametrize("script", [f"{name}.py" for name in ALL_SCRIPTS])
