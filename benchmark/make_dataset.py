@@ -30,6 +30,7 @@ D4RL_REF_SCORES = {"hopper": (-20.272305, 3234.3), "halfcheetah": (-280.178953, 
 D4RL_MEDIUM_RETURN = {"hopper": 1422.0, "halfcheetah": 4770.0, "walker2d": 2852.0}  # mean episode return of D4RL medium
 D4RL_EXPERT_RETURN = {"hopper": 3234.3, "halfcheetah": 10656.0, "walker2d": 4592.3}  # near D4RL's expert datasets
 HERE = os.path.dirname(os.path.abspath(__file__))
+BUILT_LEVELS = ("medium", "random", "expert", "medium-expert")  # collected from the behavior policies
 
 
 @dataclass
@@ -38,6 +39,8 @@ class Args:
     """environments to build datasets for (hopper, halfcheetah, walker2d); one after another"""
     seed: int = 0
     """seed of SAC training and of the collection (the same seed gives the same datasets)"""
+    levels: List[str] = field(default_factory=lambda: list(BUILT_LEVELS))
+    """the datasets to collect from the policies (medium, random, expert, medium-expert); medium-replay comes from training"""
     from_policy: bool = False
     """skip training: rebuild medium, random (and expert, medium-expert) from the saved policies"""
     expert: bool = False
@@ -414,23 +417,27 @@ def load_policy(env_name, level, args: Args):
 
 
 def build_datasets(env_name, args: Args):
-    medium, info = load_policy(env_name, "medium", args)
-    episodes = {"medium": collect(env_name, medium, args.num_transitions, args.num_envs, args.max_episode_steps, args.seed + 1,
-                                  name=f"baq/{env_name}/medium-v0")}
-    about = f"SAC policy after {info['sac_steps']} steps (stochastic return {info['stochastic_return']:.1f}), sampled stochastically;"
-    write_dataset(f"baq/{env_name}/medium-v0", env_name, episodes["medium"], args, f"Medium: {about}")
-    random_episodes = collect(env_name, None, args.num_transitions, args.num_envs, args.max_episode_steps, args.seed + 2,
-                              name=f"baq/{env_name}/random-v0")
-    write_dataset(f"baq/{env_name}/random-v0", env_name, random_episodes, args, "Random: uniform actions;")
-    expert_path = os.path.join(args.policy_dir, f"{env_name}-expert.pt")
-    if args.expert or os.path.exists(expert_path):
-        expert, expert_info = load_policy(env_name, "expert", args)
-        episodes["expert"] = collect(env_name, expert, args.num_transitions, args.num_envs, args.max_episode_steps, args.seed + 3,
-                                     name=f"baq/{env_name}/expert-v0")
-        about_expert = f"SAC policy after {expert_info['sac_steps']} steps (stochastic return {expert_info['stochastic_return']:.1f}), sampled stochastically;"
-        write_dataset(f"baq/{env_name}/expert-v0", env_name, episodes["expert"], args, f"Expert: {about_expert}")
+    """The --levels datasets; each collection has its own seed, so a level is the same whichever others are built."""
+    episodes, about = {}, {}
+    for level, seed in (("medium", args.seed + 1), ("expert", args.seed + 3)):
+        path = os.path.join(args.policy_dir, f"{env_name}-{level}.pt")
+        wanted = level in args.levels or "medium-expert" in args.levels
+        if wanted and (level == "medium" or args.expert or os.path.exists(path)):
+            policy, info = load_policy(env_name, level, args)
+            episodes[level] = collect(env_name, policy, args.num_transitions, args.num_envs, args.max_episode_steps,
+                                      seed, name=f"baq/{env_name}/{level}-v0")
+            about[level] = (f"SAC policy after {info['sac_steps']} steps (stochastic return "
+                            f"{info['stochastic_return']:.1f}), sampled stochastically;")
+            if level in args.levels:
+                write_dataset(f"baq/{env_name}/{level}-v0", env_name, episodes[level], args,
+                              f"{level.capitalize()}: {about[level]}")
+    if "random" in args.levels:
+        random_episodes = collect(env_name, None, args.num_transitions, args.num_envs, args.max_episode_steps,
+                                  args.seed + 2, name=f"baq/{env_name}/random-v0")
+        write_dataset(f"baq/{env_name}/random-v0", env_name, random_episodes, args, "Random: uniform actions;")
+    if "medium-expert" in args.levels and "expert" in episodes:
         write_dataset(f"baq/{env_name}/medium-expert-v0", env_name, episodes["medium"] + episodes["expert"], args,
-                      f"Medium-expert: medium ({about}) followed by expert ({about_expert})")
+                      f"Medium-expert: medium ({about['medium']}) followed by expert ({about['expert']})")
 
 
 def minari_store() -> str:
@@ -463,6 +470,9 @@ def main(args: Args):
                          f"it is a training of its own that writes only medium-replay. Run it as a separate command "
                          f"(`python benchmark/make_dataset.py --env {' '.join(args.env)} --medium-replay`).")
     check_store()
+    if not set(args.levels) <= set(BUILT_LEVELS):
+        raise SystemExit(f"error: --levels {' '.join(args.levels)}: each must be one of {', '.join(BUILT_LEVELS)} "
+                         f"(medium-replay is the replay buffer of SAC's training: build it with --medium-replay).")
     unknown = [e for e in args.env if e not in ENVS]
     if unknown:
         raise SystemExit(f"error: --env {' '.join(unknown)}: unknown environment; choose from {', '.join(ENVS)}.")

@@ -87,11 +87,16 @@ def read_runs(root: str, preset: str, missing: List[str] = None) -> List[dict]:
                     missing.append(f"{short_name(dataset)} {METHOD_LABELS[method]} {seed_dir}")
                     continue
                 run_args = torch.load(os.path.join(folder, runs[-1], "final.pt"), map_location="cpu", weights_only=True)["args"]
+                scalars = scalars_of(os.path.join(folder, runs[-1]), RECORDED_TAGS)
+                last = scalars.get("eval/return", [[None]])[-1][0]
+                if last != run_args["online_steps"]:  # a cut events file: its last point is not the final score
+                    missing.append(f"{short_name(dataset)} {METHOD_LABELS[method]} {seed_dir} (its curve ends at step "
+                                   f"{last} of {run_args['online_steps']}: events file cut)")
+                    continue
                 offline = run_args.get("offline_checkpoint")
                 if offline and offline not in offline_scores:
                     offline_scores[offline] = offline_evaluation(offline)
-                records.append(record(preset, dataset, method, run_args, runs[-1],
-                                      scalars_of(os.path.join(folder, runs[-1]), RECORDED_TAGS), offline_scores.get(offline)))
+                records.append(record(preset, dataset, method, run_args, runs[-1], scalars, offline_scores.get(offline)))
     return records
 
 
@@ -205,33 +210,43 @@ def score_tag(curves) -> str:
     return "eval/normalized_score" if has_score else "eval/return"
 
 
+# The two readings of the paper's Table 1 ("during the initial 30,000 steps"): the score at the end, or the mean over
+# the online evaluations after step 0 (step 0 evaluates the offline checkpoint, the same for every method)
+STATISTICS = {"final": "final score", "mean": "mean score over the online evaluations after step 0"}
+
+
+def score_of(curve, kind: str) -> float:
+    steps, values = curve
+    return values[-1] if kind == "final" else values[steps > 0].mean()
+
+
 def statistic(curves, tag: str, kind: str) -> Dict:
-    """{(dataset, method): per-seed values}: the last evaluation ("final") or the mean of all ("mean"), runs in
-    the order of their names (`curves_of` sorts them; the seeded bootstrap's intervals depend on it)."""
-    pick = (lambda values: values[-1]) if kind == "final" else np.mean
-    return {key: np.array([pick(run[tag][1]) for run in runs.values()]) for key, runs in curves.items()}
+    """{(dataset, method): per-seed values of `kind` (see STATISTICS)}, runs in the order of their names
+    (`curves_of` sorts them; the seeded bootstrap's intervals depend on it)."""
+    return {key: np.array([score_of(run[tag], kind) for run in runs.values()]) for key, runs in curves.items()}
 
 
-def aggregate_finals(curves, tag: str, datasets: List[str], methods: List[str]) -> Dict:
-    """Final scores for one aggregate group, each cell's runs ordered so that those from the offline checkpoints
-    fine-tuned by more methods (of any group) come first, then by name. `aggregates` keeps a method's first runs
+def aggregate_scores(curves, tag: str, datasets: List[str], methods: List[str], kind: str = "final") -> Dict:
+    """Scores for one aggregate group, each cell's runs ordered so that those from the offline checkpoints
+    fine-tuned by more of the group's methods come first, then by name. `aggregates` keeps a method's first runs
     where it has more on one dataset than on another, so the runs kept start, where they can, from the checkpoints
-    that the other methods, baselines included, also started from; a seed that only some methods ran is left out
-    before one that all ran."""
-    final = {}
+    that the group's other methods also started from; a seed that only some methods ran is left out before one
+    that all ran."""
+    scores = {}
     for dataset in datasets:
-        uses = Counter(key for (d, _), runs in curves.items() if d == dataset for key in runs)
+        uses = Counter(key for m in methods for key in curves.get((dataset, m), {}))
         for method in methods:
-            runs = curves[(dataset, method)]
-            final[(dataset, method)] = np.array([runs[key][tag][1][-1] for key in sorted(runs, key=lambda k: (-uses[k], k))])
-    return final
+            runs = curves.get((dataset, method), {})
+            scores[(dataset, method)] = np.array([score_of(runs[key][tag], kind)
+                                                  for key in sorted(runs, key=lambda k: (-uses[k], k))])
+    return scores
 
 
-def paired_finals(curves, tag: str, dataset: str, algo: str, variant: str):
-    """Final scores of {algo}-{variant} on the runs that BAQ and both ablations share (same seed and offline
+def paired_finals(curves, tag: str, dataset: str, triple: tuple, method: str):
+    """Final scores of `method` on the runs that BAQ and both ablations (`triple`) share (same seed and offline
     checkpoint), in one order, so that differences pair runs from the same checkpoint."""
-    shared = set.intersection(*(set(curves[(dataset, f"{algo}-{m}")]) for m in ("baq", "our-q", "our-s")))
-    runs = curves[(dataset, f"{algo}-{variant}")]
+    shared = set.intersection(*(set(curves[(dataset, m)]) for m in triple))
+    runs = curves[(dataset, method)]
     return np.array([runs[key][tag][1][-1] for key in sorted(shared)])
 
 
@@ -299,8 +314,9 @@ def aggregate_groups(final: Dict, datasets: List[str], methods: List[str]) -> Li
     """The (datasets, methods) each aggregate covers. rliable compares methods over one set of datasets, and a grid
     is uneven (the baselines run on the medium datasets only, seeds arrive over sessions), so per backbone the first
     group takes the datasets where the backbone and its BAQ ran, with every method of that backbone that ran on all
-    of them; each method that group leaves out is then compared where it and the backbone ran, with every method
-    of the family that ran there too (one group per set of datasets: SO2 and SUF on the medium datasets share one).
+    of them; each other method is then compared where it and the backbone ran, with every method of the family
+    that ran there too (one group per set of datasets and methods: SO2 and SUF on the medium datasets share one;
+    the other reading of Eq. 10 keeps its groups over the datasets it ran on).
     "Ran" means 2 runs or more wherever the group's pair has them on some dataset: a method counts as many runs on
     every dataset as on its fewest, so one dataset with a single new seed would cut all others to one run and leave
     the bootstrap nothing to resample within a dataset; such a dataset joins once its second seed has run."""
@@ -324,7 +340,7 @@ def aggregate_groups(final: Dict, datasets: List[str], methods: List[str]) -> Li
         lead, members = group_of([m for m in (algo, f"{algo}-baq") if m in family] or family, family)
         if lead and members:
             groups.append((lead, members))
-        for method in (m for m in family if m not in members):
+        for method in (m for m in family if m != algo):
             group = group_of([m for m in (algo, method) if m in family], family)
             if group[0] and group not in groups:
                 groups.append(group)
@@ -337,14 +353,14 @@ def outside_aggregates(final: Dict, groups: List[tuple]) -> List[tuple]:
     return [(d, m, len(v)) for (d, m), v in sorted(final.items()) if (d, m) not in held]
 
 
-def aggregates(final: Dict, datasets: List[str], methods: List[str], reps: int, seed: int = 0):
-    """rliable's few-run statistics of the final scores over every (dataset, seed) run: per method the
+def aggregates(final: Dict, datasets: List[str], methods: List[str], reps: int, seed: int = 0, kind: str = "final"):
+    """rliable's few-run statistics of the scores (`kind`, see STATISTICS) over every (dataset, seed) run: per method the
     interquartile mean and the mean with 95% stratified bootstrap intervals (runs resampled within each
     dataset), and for each BAQ variant the probability of improvement over its backbone (and BAQ adaptive's over
     BAQ), P(X > Y) (the Mann-Whitney probability that a run of X beats a run of Y on a dataset, averaged over
     datasets), with its interval. Every method must have run on every one of `datasets`; each counts as many runs
     as its fewest on one of them (the bootstrap resamples within datasets, so a method's runs form a runs x
-    datasets matrix: the first ones of a cell, in the order `aggregate_finals` gives), and methods may differ in
+    datasets matrix: the first ones of a cell, in the order `aggregate_scores` gives), and methods may differ in
     that count."""
     import warnings
 
@@ -373,7 +389,7 @@ def aggregates(final: Dict, datasets: List[str], methods: List[str], reps: int, 
                                              random_state=np.random.RandomState(seed + 1)) if pairs else ({}, {})
     left_out = {(d, m): len(final[(d, m)]) - runs[m] for d in datasets for m in methods if len(final[(d, m)]) > runs[m]}
     return {"datasets": datasets, "runs": runs, "points": points, "intervals": intervals, "improvement": improvement,
-            "left_out": left_out}
+            "left_out": left_out, "kind": kind}
 
 
 def offline_lines(records: List[dict]) -> List[str]:
@@ -403,8 +419,8 @@ def aggregate_lines(stats) -> List[str]:
     counts = sorted(set(stats["runs"].values()))
     seeds = "/".join(map(str, counts)) + f" seed{'' if counts == [1] else 's'}"
     family = ", ".join(METHOD_LABELS[m] for m in stats["points"])
-    lines = [f"## Aggregates over every (dataset, seed) run of {family}: final score, 95% stratified bootstrap "
-             "intervals (rliable)", "",
+    lines = [f"## Aggregates over every (dataset, seed) run of {family}: {STATISTICS[stats['kind']]}, 95% stratified "
+             "bootstrap intervals (rliable)", "",
              f"Over {plural(len(stats['datasets']), 'dataset')} ({', '.join(short_name(d) for d in stats['datasets'])}) "
              f"x {seeds}. IQM: the mean of the middle 50% of runs, robust to one outlier seed.", ""]
     if stats["left_out"]:  # the bootstrap resamples a runs x datasets matrix: as many runs on each dataset
@@ -456,7 +472,7 @@ def plot_aggregates(groups: List[dict], path: str, title: str):
                 row_axes[column].plot([low, high], [row, row], linewidth=6, alpha=0.5, color=METHOD_COLORS[method])
                 row_axes[column].plot(stats["points"][method][column], row, "k|", markersize=12)
             row_axes[column].set_yticks(range(len(methods)), [METHOD_LABELS[m] for m in methods], fontsize=7)
-            row_axes[column].set_xlabel(f"{name} of the final score, {datasets}", fontsize=8)
+            row_axes[column].set_xlabel(f"{name} of the {STATISTICS[stats['kind']]}, {datasets}", fontsize=8)
         if not points:
             row_axes[2].axis("off")
             continue
@@ -571,33 +587,34 @@ def main(args: Args):
              f"{budget:,} online steps")
     final = statistic(curves, tag, "final")
     grouping = aggregate_groups(final, datasets, methods)
-    groups = [aggregates(aggregate_finals(curves, tag, group_datasets, group_methods), group_datasets, group_methods,
-                         args.bootstrap_reps)
-              for group_datasets, group_methods in grouping]
-    if groups:  # the field's few-run statistics lead
-        lines += [line for stats in groups for line in aggregate_lines(stats)]
-        outside = outside_aggregates(final, grouping)
-        if outside:
-            lines += ["In no aggregate (a single run where the rest have two or more, or no backbone to compare with): " +
-                      ", ".join(f"{METHOD_LABELS[m]} on {short_name(d)} ({plural(n, 'run')})" for d, m, n in outside) +
-                      ".", ""]
-        lines += ["![aggregates](aggregates.png)", ""]
-        plot_aggregates(groups, os.path.join(output, "aggregates.png"), f"Aggregates, {title}")
+    for kind, figure in (("final", "aggregates.png"), ("mean", "aggregates-mean.png")):  # the field's statistics lead
+        groups = [aggregates(aggregate_scores(curves, tag, group_datasets, group_methods, kind), group_datasets,
+                             group_methods, args.bootstrap_reps, kind=kind)
+                  for group_datasets, group_methods in grouping]
+        if groups:
+            lines += [line for stats in groups for line in aggregate_lines(stats)] + [f"![aggregates]({figure})", ""]
+            plot_aggregates(groups, os.path.join(output, figure), f"Aggregates of the {STATISTICS[kind]}, {title}")
+    outside = outside_aggregates(final, grouping)
+    if grouping and outside:
+        lines += ["In no aggregate (a single run where the rest have two or more, or no backbone to compare with): " +
+                  ", ".join(f"{METHOD_LABELS[m]} on {short_name(d)} ({plural(n, 'run')})" for d, m, n in outside) + ".", ""]
     lines += offline_lines(committed + runs)
     for kind, when in (("final", "at the end of the online budget"),
-                       ("mean", "averaged over the evaluations of the online phase (online step 0 included)")):
+                       ("mean", "averaged over the online evaluations after step 0")):
         values = statistic(curves, tag, kind)
         lines += [f"## Table 1: score {when}", "", *table(values, datasets, [m for m in methods if m != "cql-off2on"]), ""]
         table2 = [m for m in TABLE2_METHODS if m in methods]
         if "cql" in table2 and len(table2) > 1:
             lines += [f"## Table 2: CQL, Off2On and Our-S, score {when}", "", *table(values, datasets, table2), ""]
     drops = {}
-    for algo in ("iql", "cql"):
+    for algo, reading in ((algo, reading) for algo in ("iql", "cql") for reading in ("", "-offline-rho")):
+        triple = (f"{algo}-baq{reading}", f"{algo}-our-q", f"{algo}-our-s{reading}")
         for dataset in datasets:
-            if all((dataset, f"{algo}-{m}") in final for m in ("baq", "our-q", "our-s")):
-                baq, our_q, our_s = (paired_finals(curves, tag, dataset, algo, m) for m in ("baq", "our-q", "our-s"))
+            if all((dataset, m) in final for m in triple):
+                baq, our_q, our_s = (paired_finals(curves, tag, dataset, triple, m) for m in triple)
                 if len(baq):
-                    drops[f"{algo.upper()} {short_name(dataset)}"] = {"without Our-Q": baq - our_s, "without Our-S": baq - our_q}
+                    drops[f"{algo.upper()}{reading.replace('-', ' ')} {short_name(dataset)}"] = {
+                        "without Our-Q": baq - our_s, "without Our-S": baq - our_q}
     if drops:
         lines += ["## Figure 3: the drop when a component is removed (final score of BAQ minus the ablation)", "",
                   "| | without Our-Q (= BAQ - Our-S) | without Our-S (= BAQ - Our-Q) |", "|---|---|---|"]

@@ -385,9 +385,21 @@ def check_root(args: Args):
                          + (", on a filesystem every Ray worker sees at the same path." if args.launcher == "ray" else "."))
 
 
+def check_datasets(datasets: List[str]):
+    """Every local dataset of the grid is in the Minari store before any run starts: a missing one late in a long
+    grid would otherwise fail hours in. (D4RL names may still be downloaded by the scripts.)"""
+    store = os.environ.get("MINARI_DATASETS_PATH") or os.path.join(os.path.expanduser("~"), ".minari", "datasets")
+    missing = [d for d in datasets if "/" in d and not os.path.isdir(os.path.join(store, d, "data"))]
+    if missing:
+        raise SystemExit(f"error: --datasets {' '.join(missing)}: not in the Minari store {store}; build them first "
+                         f"(e.g. `python benchmark/make_dataset.py --env hopper --levels medium --from-policy` builds "
+                         f"baq/hopper/medium-v0) or point MINARI_DATASETS_PATH at the store that has them.")
+
+
 def main(args: Args):
     check_args(args)
     check_root(args)
+    check_datasets(PAPER_DATASETS if args.datasets == ["paper"] else args.datasets)
     jobs = plan(args)
     preset = PRESETS[args.preset]
     if args.preset == "cpu":

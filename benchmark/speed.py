@@ -45,6 +45,8 @@ class Args:
     cost is the median of the rounds' ratios, which cancels this machine's drift of +/-10% between runs"""
     warmup: int = 10
     """untimed updates first (includes torch.compile's compilation)"""
+    cpu: bool = True
+    """measure on the CPU (--no-cpu: CUDA only, as the device check does)"""
     cuda: bool = True
     """also measure on CUDA when it is available"""
     output: str = os.path.join(ROOT, "benchmark", "runs", "speed.md")
@@ -189,7 +191,8 @@ def measure_baseline(name: str, args: Args, device, compile: bool) -> float:
 
 def main(args: Args):
     torch.set_num_threads(args.threads)
-    devices = [torch.device("cpu")] + ([torch.device("cuda")] if args.cuda and torch.cuda.is_available() else [])
+    devices = ([torch.device("cpu")] if args.cpu else []) + (
+        [torch.device("cuda")] if args.cuda and torch.cuda.is_available() else [])
     rows = []
     for name in args.scripts:
         script = importlib.import_module(name)

@@ -9,6 +9,8 @@ from pathlib import Path
 # One torch thread for the tests and every script they start: two threads on two cores beside other
 # work spin-wait in OpenMP, and a tiny run that takes 5 s took 2 minutes.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# Datasets missing from the test stores fail at once instead of after Minari's ~25 s of download retries.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import gymnasium as gym
 import numpy as np
@@ -28,10 +30,10 @@ sys.path.insert(0, str(ROOT))
 TINY_MAX_EPISODE_STEPS = 20
 
 
-def ctrl_c(process: subprocess.Popen, timeout: float = 120):
-    """Send Ctrl-C and return (stdout, stderr) once the process ends; one still running after `timeout` seconds
-    is killed rather than left behind, and the test fails."""
-    process.send_signal(signal.SIGINT)
+def ctrl_c(process: subprocess.Popen, timeout: float = 120, sig=signal.SIGINT):
+    """Send Ctrl-C (or `sig`) and return (stdout, stderr) once the process ends; one still running after `timeout`
+    seconds is killed rather than left behind, and the test fails."""
+    process.send_signal(sig)
     try:
         return process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:

@@ -168,7 +168,7 @@ def test_a_resume_checkpoint_of_another_script_is_refused(offline_checkpoints, r
     cases = [("suf", resume, "continues a run of benchmark/baselines/so2.py, not of benchmark/baselines/suf.py"),
              ("offline_pretrain", resume, "continues a run of benchmark/baselines/so2.py, not of offline_pretrain.py"),
              ("so2", str(offline_dir / "resume.pt"), "continues a run of offline_pretrain.py, not of benchmark/baselines/so2.py"),
-             ("so2", str(offline_checkpoints["iql"]), "of kind 'offline' made by IQL, but --resume needs kind 'resume'")]
+             ("so2", str(offline_checkpoints["iql"]), "of kind 'offline' by IQL: pass the `resume.pt`")]
     for script, checkpoint, words in cases:
         script_path = "offline_pretrain.py" if script == "offline_pretrain" else f"benchmark/baselines/{script}.py"
         refused, written = run_script(script_path, tmp_path / script, "--resume", checkpoint, tiny=False)
@@ -203,10 +203,10 @@ def test_wrong_checkpoints_are_refused(offline_checkpoints, run_script, tmp_path
     final = load(offline_checkpoints["cql"])
     final["kind"] = "final"  # a fine-tuned checkpoint is not a starting point
     torch.save(final, tmp_path / "final.pt")
-    cases = [("so2", tmp_path / "final.pt", [], "of kind 'final' made by CQL, but --offline-checkpoint needs kind 'offline'"),
-             ("off2on", offline_checkpoints["iql"], [], "made by IQL, but --offline-checkpoint needs kind 'offline' made by CQL"),
-             ("so2", offline_checkpoints["iql"], ["--algo", "cql"], "made by IQL"),
-             ("suf", offline_checkpoints["cql"].parent / "missing.pt", [], "no such file")]
+    cases = [("so2", tmp_path / "final.pt", [], "of kind 'final' by CQL: pass the `offline.pt`"),
+             ("off2on", offline_checkpoints["iql"], [], "of kind 'offline' by IQL: pass the `offline.pt` of an earlier CQL run"),
+             ("so2", offline_checkpoints["iql"], ["--algo", "cql"], "by IQL"),
+             ("suf", offline_checkpoints["cql"].parent / "missing.pt", [], "cannot be read (FileNotFoundError)")]
     for script, checkpoint, flags, words in cases:
         result, run_dir = run_script(f"benchmark/baselines/{script}.py", tmp_path / script, "--offline-checkpoint",
                                      str(checkpoint), *flags, *BASELINE_FLAGS, tiny=False)

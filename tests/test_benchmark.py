@@ -2,6 +2,7 @@
 import importlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -104,7 +105,7 @@ def test_report_writes_tables_and_figures(grid, minari_store, tmp_path):
     assert lines.count(table1) == 2  # Table 1 twice (final, mean over evaluations), in the paper's column order
     assert lines.count("| dataset | CQL | Off2On |") == 2  # Table 2
     assert lines.count(table1 + " Off2On |") == 1  # the q_bias table has every method
-    assert "at the end of the online budget" in tables and "averaged over the evaluations" in tables
+    assert "at the end of the online budget" in tables and "averaged over the online evaluations after step 0" in tables
     rows = [line for line in lines if line.startswith("| hopper-tiny |")]
     # the offline checkpoints of IQL and CQL, Table 1 and Table 2 twice, the q_bias table
     assert [len(row.split("|")) for row in rows] == [6, 6, 11, 5, 11, 5, 12] and all("(1 run)" in row for row in rows)
@@ -113,7 +114,8 @@ def test_report_writes_tables_and_figures(grid, minari_store, tmp_path):
     assert "| IQL+BAQ | " in tables and "| P(IQL+BAQ > IQL) | " in tables  # the rliable aggregates, leading
     assert tables.index("## Aggregates over every (dataset, seed) run") < tables.index("## Table 1")
     assert "too few runs for a verdict: 1.00" in tables  # one run on one dataset
-    for figure in ("figure2.png", "figure3.png", "curves.png", "adaptive.png", "aggregates.png"):
+    for figure in ("figure2.png", "figure3.png", "curves.png", "adaptive.png", "aggregates.png",
+                   "aggregates-mean.png"):
         assert (tmp_path / "smoke" / figure).stat().st_size > 10_000
 
 
@@ -169,8 +171,8 @@ def test_runs_are_told_apart_by_seed_and_offline_checkpoint_and_paired_by_them()
     curves = report.curves_of(records)
     assert list(curves[("d", "iql-baq")]) == ["seed1 (100)", "seed1 (200)"]
     assert curves[("d", "iql-baq")]["seed1 (200)"]["eval/normalized_score"][1][-1] == 80.0
-    tag = "eval/normalized_score"
-    baq, our_q, our_s = (report.paired_finals(curves, tag, "d", "iql", m) for m in ("baq", "our-q", "our-s"))
+    tag, triple = "eval/normalized_score", ("iql-baq", "iql-our-q", "iql-our-s")
+    baq, our_q, our_s = (report.paired_finals(curves, tag, "d", triple, m) for m in triple)
     assert (baq - our_q).tolist() == [20.0] and (baq - our_s).tolist() == [5.0]
 
 
@@ -220,12 +222,46 @@ def test_tools_leave_the_committed_results_alone():
 
 
 def test_a_failed_run_is_reported_with_its_log_and_its_dependents_skipped(minari_store, tmp_path):
-    result = benchmark("run.py", minari_store, "--preset", "smoke", "--datasets", "baq/hopper/missing-v0", "--methods",
-                       "iql", "iql-baq", "--seeds", "1", "--workers", "2", "--root", str(tmp_path))
+    store = tmp_path / "store"  # a dataset whose data file is cut: the grid starts, its first runs fail
+    shutil.copytree(minari_store / "baq" / "hopper" / "tiny-v0", store / "baq" / "hopper" / "cut-v0")
+    data = next((store / "baq" / "hopper" / "cut-v0").rglob("main_data.hdf5"))
+    data.write_bytes(data.read_bytes()[:1000])
+    result = benchmark("run.py", store, "--preset", "smoke", "--datasets", "baq/hopper/cut-v0", "--methods",
+                       "iql", "iql-baq", "--seeds", "1", "--workers", "2", "--root", str(tmp_path / "runs"))
     assert result.returncode != 0 and "Traceback" not in result.stderr
-    assert "FAILED baq/hopper/missing-v0 offline-iql seed1 (exit 1)" in result.stdout
-    assert "| error: --env-id 'baq/hopper/missing-v0'" in result.stdout  # the log's last line, shown
+    assert "FAILED baq/hopper/cut-v0 offline-iql seed1 (exit 1)" in result.stdout
+    assert "| error: --env-id 'baq/hopper/cut-v0'" in result.stdout  # the log's last line, shown
     assert "0 of 4 runs finished, 2 failed, 2 skipped" in result.stdout
+
+
+def test_a_missing_dataset_stops_the_grid_before_any_run(minari_store, tmp_path):
+    """Issue 34: the grid's last dataset missing fails at once, not after the runs of the others."""
+    result = benchmark("run.py", minari_store, "--preset", "smoke", "--datasets", "baq/hopper/tiny-v0",
+                       "baq/hopper/missing-v0", "--methods", "iql", "--root", str(tmp_path))
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert result.stderr.strip().startswith("error: --datasets baq/hopper/missing-v0: not in the Minari store")
+    assert not (tmp_path / "smoke").exists()
+
+
+def test_a_run_whose_curve_was_cut_is_not_counted_as_finished(grid, minari_store, tmp_path):
+    """Issue 34, row 7: a kill after final.pt and before the events were all on disk (the order before) must not
+    make the report take the step-0 score for the final one."""
+    root, _ = grid
+    source = next(root.glob("smoke/baq-hopper-tiny-v0/iql/seed1/*/final.pt")).parent
+    cut_root = tmp_path / "runs"
+    shutil.copytree(root / "smoke" / "baq-hopper-tiny-v0" / "pretrain-iql",
+                    cut_root / "smoke" / "baq-hopper-tiny-v0" / "pretrain-iql")
+    cut = cut_root / "smoke" / "baq-hopper-tiny-v0" / "iql" / "seed1" / source.name
+    shutil.copytree(source, cut)
+    events = next(cut.glob("events.out.tfevents.*"))
+    steps = [step for step, _ in read_scalars(cut)["eval/normalized_score"]]
+    while steps and steps[-1] == 70:  # cut the file until its last evaluation is gone
+        events.write_bytes(events.read_bytes()[:-200])
+        steps = [step for step, _ in read_scalars(cut)["eval/normalized_score"]]
+    result = benchmark("report.py", minari_store, "--preset", "smoke", "--root", str(cut_root), "--output",
+                       str(tmp_path / "report"), "--records", str(tmp_path / "no-records"), "--bootstrap-reps", "200")
+    output = result.stdout + result.stderr
+    assert "hopper-tiny IQL seed1 (its curve ends at step 60 of 70: events file cut)" in output, output
 
 
 def test_aggregates_match_hand_computation():
@@ -310,7 +346,7 @@ def test_aggregates_keep_the_runs_from_the_checkpoints_most_methods_share():
     curves = {(hopper, "iql"): runs({"seed1 (A)": 10.0, "seed1 (B)": 50.0, "seed2 (A)": 20.0, "seed2 (B)": 60.0}),
               (hopper, "iql-so2"): runs({"seed1 (B)": 55.0, "seed2 (B)": 65.0}),
               (cheetah, "iql"): runs({"seed1 (C)": 40.0, "seed2 (C)": 42.0})}
-    final = report.aggregate_finals(curves, "eval/normalized_score", [hopper, cheetah], ["iql"])
+    final = report.aggregate_scores(curves, "eval/normalized_score", [hopper, cheetah], ["iql", "iql-so2"])
     np.testing.assert_array_equal(final[(hopper, "iql")], [50.0, 60.0, 10.0, 20.0])
     stats = report.aggregates(final, [hopper, cheetah], ["iql"], reps=100)
     assert stats["runs"] == {"iql": 2} and stats["left_out"] == {(hopper, "iql"): 2}

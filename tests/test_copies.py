@@ -6,8 +6,9 @@ import pytest
 
 from conftest import ROOT
 
-# Definitions that are each script's own by design: its flags, its run, its algorithm's or method's name.
-SCRIPT_OWN = {"Args", "main", "ALGORITHM", "Agent", "METHOD"}
+# Definitions that are each script's own by design: its flags and their domains, its run, its algorithm's or
+# method's name, and how an interrupted run of it continues.
+SCRIPT_OWN = {"Args", "FLAG_DOMAINS", "main", "ALGORITHM", "Agent", "METHOD", "how_to_continue"}
 
 
 def script_paths():
@@ -51,6 +52,17 @@ def test_shared_definitions_are_identical_text():
     sources = {str(path.relative_to(ROOT)): path.read_text() for path in script_paths()}
     assert len(sources) >= 4
     assert copy_mismatches(sources) == []
+
+
+@pytest.mark.parametrize("path", script_paths(), ids=lambda path: path.name)
+def test_no_script_carries_a_definition_it_never_uses(path):
+    """A copy-paste reference carries no dead weight: every top-level definition is used in its own script."""
+    import re
+
+    source = path.read_text()
+    unused = [name for name in top_level_definitions(source) if name not in ("main", "Agent")
+              and len(re.findall(rf"\b{name}\b", source)) < 2]
+    assert unused == []
 
 
 def test_the_check_fails_on_a_definition_edited_in_one_script_only():

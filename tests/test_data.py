@@ -25,11 +25,12 @@ def test_minari_ids_pass_through(script):
 
 
 @pytest.mark.parametrize("env_id, words", [
-    ("hopper-medium-replay-v2", ["no official Minari counterpart", "`python benchmark/make_dataset.py --env hopper --medium-replay`",
-                                 "baq/hopper/medium-replay-v0"]),
-    ("walker2d-random-v2", ["no official Minari counterpart", "--env walker2d", "baq/walker2d/random-v0"]),
-    ("hopper-medum-v2", ["level 'medum' is unknown", "hopper-medium-v2"]),
-    ("not a dataset", ["is neither a D4RL name", "nor a Minari dataset id", "baq/hopper/medium-v0"]),
+    ("hopper-medium-replay-v2", ["no Minari counterpart", "`python benchmark/make_dataset.py --env hopper --medium-replay`",
+                                 "--env-id baq/hopper/medium-replay-v0"]),
+    ("walker2d-random-v2", ["no Minari counterpart",
+                            "`python benchmark/make_dataset.py --env walker2d --levels random --from-policy`"]),
+    ("hopper-medum-v2", ["is not a D4RL name", "hopper-<level>-v2", "medium-replay"]),
+    ("Hopper-Medium-v2", ["is not a D4RL name", "lower case"]),
 ])
 def test_unusable_ids_fail_with_advice(script, env_id, words):
     with pytest.raises(SystemExit) as error:

@@ -129,13 +129,14 @@ def test_switches_off_give_unit_weights_and_uniform_sampling(full_run, run_scrip
 
 @pytest.mark.parametrize("script", [f"{name}.py" for name in ALL_SCRIPTS])
 @pytest.mark.parametrize("env_id, words", [
-    ("baq/hopper/missing-v0", ["'baq/hopper/missing-v0'", "not in the local Minari store", "cannot be downloaded",
-                               "python benchmark/make_dataset.py --env hopper"]),
-    ("hopper-medium-v2", ["'mujoco/hopper/medium-v0'", "cannot be downloaded", "--env-id baq/hopper/medium-v0"]),
-    ("hopper-medium-replay-v2", ["no official Minari counterpart", "baq/hopper/medium-replay-v0"]),
-    ("hopper-random-v2", ["no official Minari counterpart", "--env hopper --from-policy", "baq/hopper/random-v0"]),
-    ("baq/hopper/expert-v0", ["not in the local Minari store", "--env hopper --expert", "hopper-expert.pt"]),
-    ("hoper-medium-v2x", ["is neither a D4RL name", "Check the spelling"]),
+    ("baq/hopper/expert-v0", ["'baq/hopper/expert-v0'", "not in the store", "nor downloadable",
+                              "`python benchmark/make_dataset.py --env hopper --levels expert --from-policy`"]),
+    ("hopper-medium-v2", ["'mujoco/hopper/medium-v0'", "nor downloadable", "--levels medium --from-policy",
+                          "--env-id baq/hopper/medium-v0"]),
+    ("hopper-medium-replay-v2", ["no Minari counterpart", "--env hopper --medium-replay", "baq/hopper/medium-replay-v0"]),
+    ("Hopper-Medium-v2", ["is not a D4RL name", "lower case"]),  # issue 34, row 9: no id that cannot exist
+    ("baq/Hopper/medium-v0", ["nor downloadable", "check the id (case-sensitive"]),
+    ("baq/hopper/nope-v0", ["nor downloadable", "check the id", "medium-replay"]),
 ])
 def test_unusable_datasets_exit_with_one_clear_paragraph(run_script, tmp_path, script, env_id, words):
     result, run_dir = run_script(script, tmp_path / "runs", env_id=env_id, tiny=False)
@@ -151,14 +152,14 @@ def test_unusable_datasets_exit_with_one_clear_paragraph(run_script, tmp_path, s
 def test_mismatched_checkpoints_are_refused(full_run, run_script, tmp_path):
     script, _, first_dir = full_run
     cases = [
-        (["--offline-checkpoint", str(first_dir / "bc.pt")], "baq/hopper/tiny-v0", ["kind 'bc' made by BC", "needs kind 'offline'"]),
-        (["--bc-checkpoint", str(first_dir / "offline.pt")], "baq/hopper/tiny-v0", ["kind 'offline'", "needs kind 'bc' made by BC"]),
+        (["--offline-checkpoint", str(first_dir / "bc.pt")], "baq/hopper/tiny-v0", ["of kind 'bc' by BC", "`offline.pt`"]),
+        (["--bc-checkpoint", str(first_dir / "offline.pt")], "baq/hopper/tiny-v0", ["of kind 'offline'", "`bc.pt` of an earlier BC"]),
         (["--offline-checkpoint", str(first_dir / "offline.pt")], "baq/hopper/other-v0", ["dataset_id 'baq/hopper/tiny-v0'", "'baq/hopper/other-v0'"]),
-        (["--bc-checkpoint", str(tmp_path / "nothing.pt")], "baq/hopper/tiny-v0", ["no such file"]),
+        (["--bc-checkpoint", str(tmp_path / "nothing.pt")], "baq/hopper/tiny-v0", ["cannot be read (FileNotFoundError)"]),
         (["--offline-checkpoint", str(first_dir / "offline.pt"), "--hidden-dim", "16"], "baq/hopper/tiny-v0", ["hidden_dim 32", "this run has 16"]),
     ]
     (tmp_path / "garbage.pt").write_text("not a checkpoint")
-    cases.append((["--offline-checkpoint", str(tmp_path / "garbage.pt")], "baq/hopper/tiny-v0", ["not a readable checkpoint"]))
+    cases.append((["--offline-checkpoint", str(tmp_path / "garbage.pt")], "baq/hopper/tiny-v0", ["cannot be read (UnpicklingError)"]))
     for flags, env_id, words in cases:
         result, _ = run_script(script, tmp_path / "runs", *flags, env_id=env_id)
         assert result.returncode != 0, flags
@@ -172,7 +173,7 @@ def test_offline_checkpoint_of_the_other_algorithm_is_refused(run_script, tmp_pa
     assert made.returncode == 0, made.stderr
     result, _ = run_script("baq_cql.py", tmp_path / "cql", "--offline-checkpoint", str(iql_dir / "offline.pt"))
     assert result.returncode != 0 and "Traceback" not in result.stderr
-    assert "made by IQL" in result.stderr and "made by CQL" in result.stderr
+    assert "by IQL" in result.stderr and "an earlier CQL run" in result.stderr
     # pi_BC is the same in both scripts: trained from the same seed it is the same network
     made_cql, cql_dir = run_script("baq_cql.py", tmp_path / "cql2", "--online-steps", "0")
     assert made_cql.returncode == 0, made_cql.stderr
@@ -199,7 +200,7 @@ def test_bc_checkpoint_with_other_normalization_is_refused(full_run, run_script,
     result, _ = run_script(script, tmp_path / "runs", "--bc-checkpoint", str(first_dir / "bc.pt"),
                            "--obs-norm-eps", "0.5")
     assert result.returncode != 0 and "Traceback" not in result.stderr
-    assert "another std" in result.stderr and "--obs-norm-eps" in result.stderr
+    assert "normalizes observations unlike this run" in result.stderr and "--obs-norm-eps" in result.stderr
 
 
 def test_runs_started_together_get_their_own_directories(minari_store, tmp_path):
@@ -231,6 +232,9 @@ def test_runs_started_together_get_their_own_directories(minari_store, tmp_path)
     ("baq_cql.py", "--actor-lr", "inf"), ("offline_pretrain.py", "--critic-lr", "0"),
     ("bc_pretrain.py", "--bc-lr", "-0.001"), ("offline_pretrain.py", "--offline-steps", "-5"),
     ("baq_iql.py", "--constraint-coef", "-1.0"), ("baq_cql.py", "--constraint-half-life", "0"),
+    ("baq_iql.py", "--priority-alpha", "1000"),  # rho would overflow to inf (issue 34, row 8)
+    *((script, "--seed", seed) for script in ("baq_iql.py", "baq_cql.py", "offline_pretrain.py", "bc_pretrain.py")
+      for seed in ("-1", str(2**40))),  # issue 34, row 1: before anything loads
 ])
 def test_out_of_domain_flags_exit_before_writing(run_script, tmp_path, script, flag, value):
     result, run_dir = run_script(script, tmp_path / "runs", flag, value, tiny=False)

@@ -115,9 +115,9 @@ def test_wrong_checkpoints_are_refused(pretrained, run_script, tmp_path):
     algo, run_dir, fine_tuning_dir = pretrained
     bc_path, offline_path = str(fine_tuning_dir / "bc.pt"), str(run_dir / "offline.pt")
     cases = [
-        ("bc_pretrain.py", [*BC_FLAGS, "--offline-checkpoint", bc_path], "baq/hopper/tiny-v0", ["kind 'bc'", "needs kind 'offline' made by IQL or CQL"]),
+        ("bc_pretrain.py", [*BC_FLAGS, "--offline-checkpoint", bc_path], "baq/hopper/tiny-v0", ["kind 'bc'", "`offline.pt` of an earlier IQL or CQL run"]),
         ("bc_pretrain.py", [*BC_FLAGS, "--offline-checkpoint", offline_path], "baq/hopper/other-v0", ["dataset_id 'baq/hopper/tiny-v0'"]),
-        ("offline_pretrain.py", ["--resume", offline_path], "baq/hopper/tiny-v0", ["kind 'offline'", "needs kind 'resume'"]),
+        ("offline_pretrain.py", ["--resume", offline_path], "baq/hopper/tiny-v0", ["kind 'offline'", "`resume.pt`"]),
         ("offline_pretrain.py", ["--algo", "sac"], "baq/hopper/tiny-v0", ["sac"]),
     ]
     for script, flags, env_id, words in cases:

@@ -1,6 +1,7 @@
 """Stopping a run with Ctrl-C: no traceback, one line that says what was saved and how to go on; and
 the progress a user sees while a phase runs."""
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -16,22 +17,24 @@ def start(script, minari_store, runs_dir, *flags):
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment)
 
 
-def interrupt_once_written(process, runs_dir, name, timeout=300):
-    """Wait until the run has written `name`, send Ctrl-C (SIGINT), and return its exit code and output."""
+def interrupt_once_written(process, runs_dir, name, timeout=300, sig=signal.SIGINT):
+    """Wait until the run has written `name`, send Ctrl-C (or `sig`), and return its exit code and output."""
     deadline = time.time() + timeout
     while not list(runs_dir.glob(f"*/{name}")):
         assert process.poll() is None, process.communicate()
         assert time.time() < deadline, f"{name} never appeared"
         time.sleep(0.2)
     time.sleep(1.0)
-    stdout, stderr = ctrl_c(process)
+    stdout, stderr = ctrl_c(process, sig=sig)
     return process.returncode, stdout, stderr
 
 
-def test_ctrl_c_in_fine_tuning_names_the_checkpoints_to_continue_from(minari_store, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_in_fine_tuning_names_the_checkpoints_to_continue_from(minari_store, tmp_path, sig):
+    """SIGTERM (Slurm, timeout, Kubernetes) stops a run as Ctrl-C does."""
     flags = [*TINY_FLAGS, "--bc-steps", "10000000"]  # pi_BC runs until interrupted, after offline.pt is written
     process = start("baq_iql.py", minari_store, tmp_path / "runs", *flags)
-    code, _, stderr = interrupt_once_written(process, tmp_path / "runs", "offline.pt")
+    code, _, stderr = interrupt_once_written(process, tmp_path / "runs", "offline.pt", sig=sig)
     assert code == 130 and "Traceback" not in stderr, stderr
     line = stderr.strip().splitlines()[-1]
     offline = next((tmp_path / "runs").glob("*/offline.pt"))

@@ -13,11 +13,15 @@
 # tests/test_copies.py checks it), so SO2's runs overlay BAQ's in TensorBoard and report.py reads them.
 #
 #   python benchmark/baselines/so2.py --env-id baq/hopper/medium-v0 --offline-checkpoint runs/.../offline.pt
+import glob
+import hashlib
 import math
 import os
 import random
 import re
-import socket
+import shutil
+import signal
+import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, fields
@@ -35,16 +39,13 @@ from tqdm import tqdm
 @dataclass
 class Args:
     offline_checkpoint: Optional[str] = None
-    """the `offline.pt` to fine-tune (offline_pretrain.py, or the offline phase of baq_iql.py/baq_cql.py);
-    required unless --resume is given"""
+    """the `offline.pt` to fine-tune; required unless --resume"""
     algo: Optional[Literal["iql", "cql"]] = None
     """the backbone; default: the checkpoint's (given, it must match the checkpoint)"""
     exp_name: Optional[str] = None
-    """name of the experiment, in the run directory {runs_dir}/{env_id}__{exp_name}__{seed}__{time};
-    default: so2_iql or so2_cql"""
+    """the experiment's name in the run directory; default: so2_iql or so2_cql"""
     env_id: str = "hopper-medium-v2"
-    """the offline dataset the checkpoint was trained on (a D4RL name or a Minari dataset id); its
-    transitions fill the replay buffer before the online ones"""
+    """the offline dataset of the checkpoint (a D4RL name or a Minari id)"""
     seed: int = 1
     """seed of the experiment (python, numpy, torch, environments, replay sampling)"""
     torch_deterministic: bool = True
@@ -57,6 +58,12 @@ class Args:
     """torch threads (0: torch's default, one per core); give 1 when other jobs share the cores"""
     runs_dir: str = "runs"
     """directory under which the run directory (TensorBoard events and checkpoints) is created"""
+    track: bool = False
+    """log to Weights & Biases (TensorBoard synced)"""
+    wandb_project_name: str = "baq"
+    """the W&B project"""
+    wandb_entity: Optional[str] = None
+    """the W&B entity (team)"""
     online_steps: int = 30_000
     """online environment steps of fine-tuning (the paper's Table 1 budget)"""
     eval_every: int = 5_000
@@ -66,14 +73,11 @@ class Args:
     log_every: int = 1_000
     """write losses every this many online steps (averaged over the updates in between)"""
     checkpoint_every: int = 5_000
-    """write the resumable checkpoint `resume.pt` at the first episode end after every this many online steps
-    (0: never)"""
+    """write `resume.pt` at the first episode end after every this many online steps (0: never)"""
     resume: Optional[str] = None
-    """a `resume.pt` of this script: continue that run exactly where it stopped, with its own arguments (only
-    --stop-after and --cuda may change)"""
+    """a `resume.pt` of this script: continue that run exactly, with its own arguments"""
     stop_after: int = 0
-    """write `resume.pt` and stop at the first episode end after this many online steps of this command (0: run
-    to --online-steps); for runs longer than a session"""
+    """write `resume.pt` and stop at an episode end after this many online steps (0: never)"""
 
     # SO2
     critic_updates: int = 10
@@ -463,7 +467,7 @@ def main(args: Args):
     del data
     if resume:
         sizes = (obs_dim, act_dim, n_offline)
-        start_step, run_dir, writer = continue_run(args.resume, resume, sizes, args.online_steps, "online step")
+        start_step, run_dir, writer = continue_run(args, resume, sizes, args.online_steps, "online step")
     else:
         start_step, (run_dir, writer) = 0, start_run(args, f"{METHOD.upper()} on {args.algo.upper()} from "
                                                            f"{args.offline_checkpoint}, {n_offline} offline "
@@ -540,74 +544,45 @@ def main(args: Args):
 
 
 # =============================================================================================
-# PLUMBING. Nothing below depends on the algorithm: errors, flags, data loading, evaluation,
-# logging, checkpoints, memory settings. Identical text in every script that has it.
+# PLUMBING: flags, the run directory, data, evaluation, checkpoints. Nothing here depends on the
+# algorithm; a definition that two scripts have is the same text in both (tests/test_copies.py).
 # =============================================================================================
 def fail(message: str):
-    """Stop with one clear paragraph (input, cause, fix) and a non-zero exit."""
+    """Stop with one line (the input, the cause, the fix) and a non-zero exit."""
     raise SystemExit(f"error: {message}")
 
 
-# What this run has written so far: read when the user stops it with Ctrl-C.
-RUN_STATE = {"run_dir": None, "writer": None, "checkpoints": {}}
-
-
-def stop_on_interrupt():
-    """Ctrl-C: one line saying what was saved and how to continue, then exit 130 (no traceback)."""
-    if RUN_STATE["writer"] is not None:
-        try:
-            RUN_STATE["writer"].close()  # keep what was logged
-        except Exception:  # the interrupt hit the writer itself: what it had flushed is kept
-            pass
-    saved, script = RUN_STATE["checkpoints"], sys.argv[0]
-    if "resume" in saved:
-        hint = f"continue it with `python {script} --resume {saved['resume']}`"
-    elif "offline" in saved or "bc" in saved:
-        flags = " ".join(f"--{kind}-checkpoint {path}" for kind, path in saved.items() if kind in ("offline", "bc"))
-        hint = f"rerun the same command with {flags} to skip what finished"
-    else:
-        hint = "nothing was saved yet, so rerun the command to start again"
-    where = f" in {RUN_STATE['run_dir']}" if RUN_STATE["run_dir"] else ""
-    written = ", ".join(sorted(saved.values())) or "no checkpoint"
-    print(f"\ninterrupted: saved {written}{where}; {hint}.", file=sys.stderr)
-    raise SystemExit(130)
-
-
-def progress(steps, description: str, unit: str):
-    """Steps with a progress bar (rate and time left) on stderr, redrawn at most every 10 s."""
-    return tqdm(steps, desc=description, unit=unit, mininterval=10, smoothing=0.1, dynamic_ncols=True)
-
-
-# Every numeric flag of every script, with the values it accepts (NaN and inf are never accepted).
-FLAG_DOMAINS = {
-    **dict.fromkeys(["offline_steps", "bc_steps", "online_steps", "offline_eval_every", "checkpoint_every",
-                     "stop_after", "figure_points", "threads"], ("an integer >= 0", lambda v: v >= 0)),
-    **dict.fromkeys(["eval_every", "eval_episodes", "log_every", "batch_size", "hidden_dim", "cql_n_actions",
-                     "critic_updates", "actor_delay"], ("an integer >= 1", lambda v: v >= 1)),
-    **dict.fromkeys(["obs_norm_eps", "reward_scale", "bc_lr", "actor_lr", "critic_lr", "value_lr", "kq", "kq_scale",
-                     "krho", "cql_temperature", "exp_adv_max", "density_lr", "priority_temperature"],
-                    ("a number > 0", lambda v: v > 0)),
-    **dict.fromkeys(["cql_alpha", "online_cql_alpha", "beta", "target_noise", "target_noise_clip"],
-                    ("a number >= 0", lambda v: v >= 0)),
-    "constraint_coef": ("a number > 0", lambda v: v > 0),
-    "constraint_half_life": ("an integer >= 1", lambda v: v >= 1),
+FLAG_DOMAINS = {  # the values each numeric flag accepts (NaN and inf never): see check_flags
+    "seed": ("an integer in [0, 2**31)", lambda v: 0 <= v < 2**31),
+    **dict.fromkeys(["threads", "online_steps", "checkpoint_every", "stop_after"],
+                    ("an integer >= 0", lambda v: v >= 0)),
+    **dict.fromkeys(["eval_every", "eval_episodes", "log_every", "critic_updates", "batch_size", "hidden_dim"],
+                    ("an integer >= 1", lambda v: v >= 1)),
+    **dict.fromkeys(["target_noise", "target_noise_clip", "beta"], ("a number >= 0", lambda v: v >= 0)),
     "gamma": ("a number in [0, 1)", lambda v: 0 <= v < 1),
     "tau": ("a number in (0, 1]", lambda v: 0 < v <= 1),
+    **dict.fromkeys(["actor_lr", "critic_lr", "value_lr", "exp_adv_max"], ("a number > 0", lambda v: v > 0)),
     "expectile": ("a number in (0, 1)", lambda v: 0 < v < 1),
-    "priority_alpha": ("a number in [-10, 10]", lambda v: -10 <= v <= 10),
     "target_entropy": ("a finite number", lambda v: True),
 }
 
 
 def check_flags(args):
-    """Refuse a numeric flag outside its domain before anything is loaded or written."""
-    for name, value in vars(args).items():
-        if name not in FLAG_DOMAINS or value is None or isinstance(value, bool):
-            continue
-        domain, accepts = FLAG_DOMAINS[name]
-        if not (isinstance(value, (int, float)) and math.isfinite(value) and accepts(value)):
-            fail(f"--{name.replace('_', '-')} {value} is outside its domain: it must be {domain}. "
-                 f"See `--help` for what it means.")
+    """Before anything is loaded or written: every numeric flag in its domain (NaN and inf never), and an
+    --exp-name and --runs-dir that give a run directory inside --runs-dir."""
+    for name, (domain, accepts) in FLAG_DOMAINS.items():
+        value = getattr(args, name)
+        if value is not None and not (math.isfinite(value) and accepts(value)):
+            fail(f"--{name.replace('_', '-')} {value} is outside its domain: it must be {domain}.")
+    if args.exp_name is not None and not re.fullmatch(r"\w[\w.+=-]{0,99}", args.exp_name):
+        fail(f"--exp-name {args.exp_name!r} is not a folder name: use up to 100 letters, digits and . _ + = - "
+             f"(no /), starting with a letter or digit.")
+    folder = os.path.abspath(args.runs_dir) if args.runs_dir else ""
+    while folder and not os.path.exists(folder):
+        folder = os.path.dirname(folder)
+    if not folder or not os.path.isdir(folder) or not os.access(folder, os.W_OK | os.X_OK):
+        fail(f"--runs-dir {args.runs_dir!r} cannot hold run directories ({folder or 'empty'} is not a writable "
+             f"folder): pass a writable folder.")
 
 
 def seed_and_pick_device(args):
@@ -623,131 +598,144 @@ def seed_and_pick_device(args):
     return device
 
 
+RUN = {}  # the run directory and its TensorBoard writer once they exist: read by stop_on_interrupt
+
+
+def open_writer(run_dir: str, args, purge_step: Optional[int] = None):
+    """The run's TensorBoard writer, synced to Weights & Biases with --track (CleanRL's way)."""
+    if args.track:
+        import wandb
+
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, name=os.path.basename(run_dir),
+                   config=vars(args), sync_tensorboard=True, save_code=True, dir=run_dir)
+    RUN.update(run_dir=run_dir, writer=SummaryWriter(run_dir, purge_step=purge_step))
+    return RUN["writer"]
+
+
 def start_run(args, description: str, ref_scores):
-    """CleanRL's run directory and TensorBoard writer. The directory is created exclusively: two runs
-    started in the same second get two directories (the second name ends in _1, _2, ...)."""
-    run_name = f"{args.env_id.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    base = os.path.join(args.runs_dir, run_name)
-    run_dir, attempt = base, 0
+    """CleanRL's run directory {runs_dir}/{env_id}__{exp_name}__{seed}__{time}, created exclusively (a second run
+    started in the same second gets _1, _2, ...), and its hyperparameters table, which names the script's
+    content hash and git commit so that the runs of an edited copy can be told apart."""
+    name = f"{args.env_id.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}"
     os.makedirs(args.runs_dir, exist_ok=True)
+    run_dir, attempt = os.path.join(args.runs_dir, name), 0
     while True:
         try:
             os.mkdir(run_dir)
             break
         except FileExistsError:
             attempt += 1
-            run_dir = f"{base}_{attempt}"
-    writer = SummaryWriter(run_dir)
-    RUN_STATE.update(run_dir=run_dir, writer=writer)
-    table = "\n".join(f"|{name}|{value}|" for name, value in vars(args).items())
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + table)
+            run_dir = os.path.join(args.runs_dir, f"{name}_{attempt}")
+    writer = open_writer(run_dir, args)
+    source = os.path.abspath(__file__)
+    try:
+        commit = subprocess.run(["git", "-C", os.path.dirname(source), "rev-parse", "HEAD"], capture_output=True,
+                                text=True).stdout.strip()
+    except OSError:  # no git
+        commit = ""
+    with open(source, "rb") as f:
+        rows = {**vars(args), "script_sha256": hashlib.sha256(f.read()).hexdigest()[:16], "git_commit": commit or "-"}
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in rows.items()))
     print(f"run {run_dir}: {description}")
     if ref_scores is None:
         print(f"note: {args.env_id} has no reference scores; eval/normalized_score is not logged, only eval/return.")
     return run_dir, writer
 
 
+def how_to_continue(saved: list) -> str:
+    """After Ctrl-C: --resume continues from the last resume.pt, exactly."""
+    resume = [path for path in saved if path.endswith("resume.pt")]
+    return f"continue it with `python {sys.argv[0]} --resume {resume[0]}`" if resume else "the run had finished"
+
+
+def stop_on_interrupt():
+    """Ctrl-C or SIGTERM: keep what was logged, say in one line what was saved and how to continue, exit 130."""
+    if "writer" in RUN:
+        RUN["writer"].close()
+    saved = sorted(glob.glob(os.path.join(RUN["run_dir"], "*.pt"))) if RUN else []
+    hint = how_to_continue(saved) if saved else "nothing was saved yet, so rerun the command to start again"
+    print(f"\ninterrupted: saved {', '.join(saved) or 'no checkpoint'}; {hint}.", file=sys.stderr)
+    raise SystemExit(130)
+
+
+def progress(steps, description: str, unit: str):
+    """Steps with a progress bar (rate and time left) on stderr, redrawn at most every 10 s."""
+    return tqdm(steps, desc=description, unit=unit, mininterval=10, smoothing=0.1, dynamic_ncols=True)
+
+
 def log_metrics(writer, prefix: str, names, metric_sum, count: int, step: int):
-    for name, value in zip(names, (metric_sum / count).tolist()):
+    """The metrics averaged since the last log (read from the device once); a non-finite one stops the run."""
+    values = (metric_sum / count).tolist()
+    for name, value in zip(names, values):
         writer.add_scalar(f"{prefix}{name}", value, step)
+    diverged = [f"{prefix}{name} = {value}" for name, value in zip(names, values) if not math.isfinite(value)]
+    if diverged:
+        writer.close()
+        fail(f"at step {step} {diverged[0]}: the run diverged, and stops with what it saved in {RUN['run_dir']}; "
+             f"lower the learning rates or the reward scale.")
 
 
 # --- data: D4RL names and Minari ids, episodes to transitions, scores -------------------------
-D4RL_REF_SCORES = {  # (random, expert) returns from d4rl/infos.py, used by every locomotion version
+D4RL_REF_SCORES = {  # (random, expert) returns of d4rl/infos.py, the same for every locomotion version
     "hopper": (-20.272305, 3234.3),
     "halfcheetah": (-280.178953, 12135.0),
     "walker2d": (1.629008, 4592.3),
 }
-D4RL_LEVELS_TO_MINARI = {  # official Minari counterparts; medium-replay and random have none
-    "medium": ["medium"],
-    "expert": ["expert"],
-    "medium-expert": ["medium", "expert"],
-    "medium-replay": [],
-    "random": [],
-}
+LEVELS = ("medium", "medium-replay", "medium-expert", "expert", "random")  # D4RL's; make_dataset.py builds each
+MINARI_LEVELS = {"medium": ["medium"], "expert": ["expert"], "medium-expert": ["medium", "expert"]}  # Minari has
 
 
 def how_to_build(env: str, level: str) -> str:
-    """The benchmark/make_dataset.py command that builds baq/<env>/<level>-v0, and what it costs."""
-    command = f"python benchmark/make_dataset.py --env {env}"
+    """The command that builds baq/<env>/<level>-v0 locally."""
     if level == "medium-replay":
-        return f"`{command} --medium-replay` (SAC trained again up to the medium return: 30-50 minutes on a CPU)"
-    if level in ("expert", "medium-expert"):
-        return (f"`{command} --from-policy` if benchmark/policies/{env}-expert.pt exists (minutes), else "
-                f"`{command} --expert` (SAC trained to the expert level: hours)")
-    return f"`{command} --from-policy` (minutes, from the committed behavior policy)"
+        return f"`python benchmark/make_dataset.py --env {env} --medium-replay` (SAC trained again: 30-50 min on a CPU)"
+    return f"`python benchmark/make_dataset.py --env {env} --levels {level} --from-policy` (minutes)"
 
 
 def resolve_dataset_ids(env_id: str) -> list:
-    """Map --env-id to the Minari dataset ids it stands for."""
-    d4rl = re.fullmatch(r"(hopper|halfcheetah|walker2d)-([a-z-]+)-v2", env_id)
-    if d4rl:
-        env, level = d4rl.groups()
-        if level not in D4RL_LEVELS_TO_MINARI:
-            fail(
-                f"--env-id {env_id!r} is not a D4RL dataset: the level {level!r} is unknown. "
-                f"Use one of {', '.join(f'{env}-{lvl}-v2' for lvl in D4RL_LEVELS_TO_MINARI)}, or a Minari id."
-            )
-        if not D4RL_LEVELS_TO_MINARI[level]:
-            fail(
-                f"--env-id {env_id!r} has no official Minari counterpart (Minari publishes only "
-                f"medium, expert and their combination for {env}), so it cannot be downloaded. Build the "
-                f"D4RL-protocol dataset locally with {how_to_build(env, level)} and pass it by its id: "
-                f"--env-id baq/{env}/{level}-v0."
-            )
-        return [f"mujoco/{env}/{name}-v0" for name in D4RL_LEVELS_TO_MINARI[level]]
-    if not re.fullmatch(r"[\w.-]+(/[\w.-]+)*-v\d+", env_id):
-        fail(
-            f"--env-id {env_id!r} is neither a D4RL name ({{hopper,halfcheetah,walker2d}}-"
-            f"{{{','.join(D4RL_LEVELS_TO_MINARI)}}}-v2) nor a Minari dataset id (namespace/name-vN, "
-            f"e.g. baq/hopper/medium-v0). Check the spelling."
-        )
-    return [env_id]
-
-
-def hub_unreachable_reason() -> Optional[str]:
-    """Minari retries a download for ~25 s when offline; a socket probe answers in seconds."""
-    remote = os.environ.get("MINARI_REMOTE", "hf://farama-minari")
-    host = "storage.googleapis.com" if remote.startswith("gcp://") else "huggingface.co"
-    try:
-        socket.create_connection((host, 443), timeout=5).close()
-        return None
-    except OSError as err:
-        return f"no connection to the Minari hub {host} ({err})"
+    """The Minari ids that --env-id stands for: a D4RL name maps to Minari's official data, else it is an id."""
+    d4rl = re.fullmatch(r"(hopper|halfcheetah|walker2d)-([a-z-]+)-v2", env_id.lower())
+    if not d4rl:
+        return [env_id]
+    env, level = d4rl.groups()
+    if env_id != env_id.lower() or level not in LEVELS:
+        fail(f"--env-id {env_id!r} is not a D4RL name: write {env}-<level>-v2 in lower case, with <level> one of "
+             f"{', '.join(LEVELS)}.")
+    if level not in MINARI_LEVELS:
+        fail(f"--env-id {env_id!r} has no Minari counterpart to download: build it with {how_to_build(env, level)} "
+             f"and pass --env-id baq/{env}/{level}-v0.")
+    return [f"mujoco/{env}/{name}-v0" for name in MINARI_LEVELS[level]]
 
 
 def load_minari_dataset(dataset_id: str, env_id: str):
-    """Load a dataset from the local Minari store, downloading it when it is missing."""
+    """A Minari dataset, from the local store or downloaded (Minari's own load-or-download), and its
+    transitions. Any failure stops the run with one line; a store folder that was not there is not left."""
     import minari
 
+    store = os.environ.get("MINARI_DATASETS_PATH") or os.path.join(os.path.expanduser("~"), ".minari", "datasets")
+    if os.path.exists(store) and not os.path.isdir(store):
+        fail(f"MINARI_DATASETS_PATH {store!r} is a file: point it at a folder (the Minari store).")
+    had_store, folder = os.path.isdir(store), os.path.join(store, dataset_id)
     try:
-        return minari.load_dataset(dataset_id)
-    except FileNotFoundError:
-        pass
-    store = os.environ.get("MINARI_DATASETS_PATH", os.path.join(os.path.expanduser("~"), ".minari", "datasets"))
-    id_parts = dataset_id.split("/")
-    env = id_parts[1] if len(id_parts) == 3 and id_parts[1] in D4RL_REF_SCORES else "{hopper,halfcheetah,walker2d}"
-    level = id_parts[-1].rsplit("-v", 1)[0]
-    advice = (
-        f"Build a D4RL-protocol dataset locally with {how_to_build(env, level)} and pass it by its id "
-        f"(--env-id baq/{env}/{level}-v0), or copy the dataset into the store."
-    )
-    reason = hub_unreachable_reason()
-    if reason is None:
-        try:
-            minari.download_dataset(dataset_id)
-            return minari.load_dataset(dataset_id)
-        except Exception as err:  # the hub's errors are many; all mean "not available"
-            reason = f"the download failed: {type(err).__name__}: {err}"
-    fail(
-        f"--env-id {env_id!r} needs the Minari dataset {dataset_id!r}, which is not in the local Minari "
-        f"store ({store}; set MINARI_DATASETS_PATH to use another) and cannot be downloaded: {reason}. {advice}"
-    )
+        dataset = minari.load_dataset(dataset_id, download=True)
+        return dataset, episodes_to_transitions(dataset.iterate_episodes())  # reads every file: a cut one fails here
+    except Exception as err:  # Minari's, the hub's and h5py's errors: each means this dataset cannot be read
+        local = os.path.isdir(os.path.join(folder, "data"))
+        if not had_store:
+            shutil.rmtree(store, ignore_errors=True)
+        d4rl = re.fullmatch(r"(?:baq|mujoco)/(hopper|halfcheetah|walker2d)/([a-z-]+)-v0", dataset_id)
+        build = (f"build it with {how_to_build(*d4rl.groups())} and pass --env-id baq/{d4rl[1]}/{d4rl[2]}-v0"
+                 if d4rl and d4rl[2] in LEVELS else
+                 f"check the id (case-sensitive; make_dataset.py builds baq/<env>/<level>-v0 for the levels "
+                 f"{', '.join(LEVELS)})")
+        cause = f"its files in {folder} cannot be read" if local else f"it is not in the store {store} nor downloadable"
+        fail(f"--env-id {env_id!r} needs the Minari dataset {dataset_id!r}, but {cause} ({type(err).__name__}: "
+             f"{' '.join(str(err).split())[:200]}); {'delete that folder and ' if local else ''}{build}.")
 
 
 def episodes_to_transitions(episodes) -> dict:
-    """Flatten Minari episodes into (s, a, r, s', terminal) arrays. Terminations are terminal;
-    truncations (time limits) are not, so their last transition bootstraps from s'."""
+    """(s, a, r, s', terminal) arrays of Minari episodes. Terminations are terminal; truncations (time limits)
+    are not, so their last transition bootstraps from s'."""
     parts = {k: [] for k in ("observations", "actions", "rewards", "next_observations", "terminals")}
     returns = []
     for episode in episodes:
@@ -758,43 +746,39 @@ def episodes_to_transitions(episodes) -> dict:
         parts["rewards"].append(np.asarray(episode.rewards, dtype=np.float32))
         parts["terminals"].append(np.asarray(episode.terminations, dtype=np.float32))
         returns.append(float(np.sum(episode.rewards)))
-    data = {k: np.concatenate(v) for k, v in parts.items()}
-    data["episode_returns"] = np.asarray(returns)
-    return data
+    return {**{k: np.concatenate(v) for k, v in parts.items()}, "episode_returns": np.asarray(returns)}
 
 
 def load_offline_data(env_id: str):
-    """Transitions of --env-id, a maker of its environment (`make_env(eval_env=...)`), its reference
-    scores (None when unknown) and its action bound."""
-    datasets = [load_minari_dataset(dataset_id, env_id) for dataset_id in resolve_dataset_ids(env_id)]
-    first = datasets[0]
-    for dataset in datasets:
-        spaces = (dataset.observation_space, dataset.action_space)
-        if not all(isinstance(space, gym.spaces.Box) for space in spaces):
-            fail(f"--env-id {env_id!r}: BAQ needs flat Box observations and actions; {dataset.spec.dataset_id} has "
-                 f"{dataset.observation_space} and {dataset.action_space}.")
-        if (dataset.observation_space.shape, dataset.action_space.shape) != (first.observation_space.shape,
-                                                                               first.action_space.shape):
-            fail(f"--env-id {env_id!r} combines datasets of different shapes; combine only datasets of one "
-                 f"environment.")
-    data = episodes_to_transitions(e for dataset in datasets for e in dataset.iterate_episodes())
-    action_space = first.action_space
-    if not (np.allclose(action_space.low, -action_space.high) and np.allclose(action_space.high, action_space.high[0])):
-        fail(f"--env-id {env_id!r}: BAQ's tanh policies need a symmetric action box [-c, c]; the dataset has "
-             f"{action_space}.")
+    """Transitions of --env-id, a maker of its environment (`make_env(eval_env=...)`), its reference scores
+    (None when unknown) and its action bound c of the box [-c, c] that the tanh policies need."""
+    loaded = [load_minari_dataset(dataset_id, env_id) for dataset_id in resolve_dataset_ids(env_id)]
+    first, space = loaded[0][0], loaded[0][0].action_space
+    spaces = {(str(d.observation_space), str(d.action_space)) for d, _ in loaded}
+    if len(spaces) > 1 or not all(isinstance(s, gym.spaces.Box) for s in (first.observation_space, space)):
+        fail(f"--env-id {env_id!r}: BAQ needs flat Box observations and actions of one environment, not {spaces}.")
+    if not (np.allclose(space.low, -space.high) and np.allclose(space.high, space.high[0])):
+        fail(f"--env-id {env_id!r}: the tanh policies need a symmetric action box [-c, c], not {space}.")
+    data = {key: np.concatenate([part[key] for _, part in loaded]) for key in loaded[0][1]}
     metadata = first.storage.metadata
-    env_name = first.spec.env_spec.id.split("-")[0].lower()
+    ref_scores = D4RL_REF_SCORES.get(first.spec.env_spec.id.split("-")[0].lower())
     if metadata.get("ref_min_score") is not None and metadata.get("ref_max_score") is not None:
         ref_scores = (float(metadata["ref_min_score"]), float(metadata["ref_max_score"]))
-    else:
-        ref_scores = D4RL_REF_SCORES.get(env_name)
-    return data, first.recover_environment, ref_scores, float(action_space.high[0])
+    return data, first.recover_environment, ref_scores, float(space.high[0])
 
 
 def data_statistics(data: dict, args, offline_checkpoint, bc_checkpoint):
-    """Observation mean and std and the reward scale: the offline checkpoint's when one is given (its
-    networks were trained with them), else the dataset's. A BC checkpoint must agree with them."""
+    """Observation mean and std and the reward scale: an offline checkpoint's (its networks were trained with
+    them: a flag asking for others is refused), else the dataset's; a BC checkpoint must agree with them. The
+    reward scale used is written into args, so that the run's records name it."""
     if offline_checkpoint:
+        for name, value in (("reward_scale", offline_checkpoint["reward_scale"]),
+                            ("obs_norm_eps", offline_checkpoint["args"].get("obs_norm_eps"))):
+            given = getattr(args, name, None)  # the baselines have no such flags: the checkpoint decides
+            if given not in (None, value):
+                flag = f"--{name.replace('_', '-')}"
+                fail(f"{flag} {given} differs from the offline checkpoint's {value}, which fixes it: "
+                     f"pass {flag} {value}, or a checkpoint trained with {given}.")
         obs_mean, obs_std = offline_checkpoint["obs_mean"].numpy(), offline_checkpoint["obs_std"].numpy()
         reward_scale = offline_checkpoint["reward_scale"]
     else:
@@ -802,13 +786,12 @@ def data_statistics(data: dict, args, offline_checkpoint, bc_checkpoint):
         obs_std = data["observations"].std(0) + args.obs_norm_eps
         return_range = np.ptp(data["episode_returns"])
         reward_scale = float(args.reward_scale or (1000.0 / return_range if return_range > 0 else 1.0))
-    if bc_checkpoint:
-        for name, ours in (("mean", obs_mean), ("std", obs_std)):
-            if not np.allclose(bc_checkpoint[f"obs_{name}"].numpy(), ours, atol=1e-5):
-                fail(f"--bc-checkpoint {args.bc_checkpoint!r} normalizes observations with another {name} than this "
-                     f"run ({'its --offline-checkpoint' if offline_checkpoint else f'--env-id {args.env_id}'}): pi_BC "
-                     f"would see other states. Pass a bc.pt trained on the same dataset with the same "
-                     f"--obs-norm-eps, or drop --bc-checkpoint to train pi_BC here.")
+    if bc_checkpoint and not all(np.allclose(bc_checkpoint[f"obs_{name}"].numpy(), ours, atol=1e-5)
+                                 for name, ours in (("mean", obs_mean), ("std", obs_std))):
+        fail(f"--bc-checkpoint {args.bc_checkpoint!r} normalizes observations unlike this run, so pi_BC would see "
+             f"other states: pass a bc.pt of this dataset and --obs-norm-eps, or drop the flag to train pi_BC here.")
+    if hasattr(args, "reward_scale"):
+        args.reward_scale = reward_scale
     return obs_mean, obs_std, reward_scale
 
 
@@ -856,50 +839,39 @@ def log_evaluation(writer, prefix: str, step: int, ref_scores, returns, q_bias: 
         writer.add_scalar(f"{prefix}eval/normalized_score", normalized_score(returns.mean(), ref_scores), step)
         score = f", normalized score {normalized_score(returns.mean(), ref_scores):.1f}"
     tqdm.write(f"{prefix or 'online/'}step {step}: return {returns.mean():.1f} +/- {returns.std():.1f}{score}, "
-          f"Q bias {q_bias:.1f}")
+               f"Q bias {q_bias:.1f}")
 
 
 # --- checkpoints ------------------------------------------------------------------------------
 def save_checkpoint(path: str, kind: str, algorithm: str, state_dict: dict, context: dict, args, **extra):
-    """Self-describing checkpoint, written to a temporary file and renamed (never half-written)."""
+    """A self-describing checkpoint, written to a temporary file and renamed (never half-written)."""
     payload = {"format": "baq-checkpoint-1", "kind": kind, "algorithm": algorithm, **context,
                "state_dict": state_dict, "args": asdict(args), **extra}
-    tmp = f"{path}.tmp"
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
-    RUN_STATE["checkpoints"][kind] = path
+    torch.save(payload, f"{path}.tmp")
+    os.replace(f"{path}.tmp", path)
 
 
 def load_checkpoint(path: str, flag: str, kind: str, algorithms: tuple, context: dict) -> dict:
-    """Load a checkpoint given to `flag` and check that it fits this run."""
+    """The checkpoint given to `flag`, checked against this run (kind, algorithm, dataset, sizes)."""
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        fail(f"{flag} {path!r}: no such file. Pass the path of a checkpoint written by an earlier run.")
     except Exception as err:
-        fail(f"{flag} {path!r} is not a readable checkpoint ({type(err).__name__}: {err}). Pass a file written by an "
-             f"earlier run.")
+        fail(f"{flag} {path!r} cannot be read ({type(err).__name__}): pass a `{kind}.pt` written by an earlier run.")
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != "baq-checkpoint-1":
-        fail(f"{flag} {path!r} is not a BAQ checkpoint. Pass an `{kind}.pt` written by an earlier run.")
+        fail(f"{flag} {path!r} is not a BAQ checkpoint: pass a `{kind}.pt` written by an earlier run.")
     if checkpoint["kind"] != kind or checkpoint["algorithm"] not in algorithms:
         needed = " or ".join(a.upper() for a in algorithms)
-        fail(
-            f"{flag} {path!r} holds a checkpoint of kind {checkpoint['kind']!r} made by "
-            f"{checkpoint['algorithm'].upper()}, but {flag} needs kind {kind!r} made by {needed}. Pass the "
-            f"`{kind}.pt` written by an earlier {needed} run."
-        )
-    same_environment = "pass a checkpoint made on this environment"
-    fixes = {"dataset_id": f"pass a checkpoint made on --env-id {context.get('dataset_id')}",
-             "obs_dim": same_environment, "act_dim": same_environment,
-             "hidden_dim": f"pass --hidden-dim {checkpoint.get('hidden_dim')} to match it"}
+        fail(f"{flag} {path!r} holds a checkpoint of kind {checkpoint['kind']!r} by {checkpoint['algorithm'].upper()}: "
+             f"pass the `{kind}.pt` of an earlier {needed} run.")
     for key in ("dataset_id", "obs_dim", "act_dim", "hidden_dim"):
         if key in context and checkpoint[key] != context[key]:
-            fail(f"{flag} {path!r} was made for {key} {checkpoint[key]!r}, but this run has {context[key]!r}: "
-                 f"{fixes[key]}, or drop {flag} to train it here.")
+            fix = f"pass --hidden-dim {checkpoint[key]}" if key == "hidden_dim" else "pass a checkpoint of this dataset"
+            fail(f"{flag} {path!r} was made for {key} {checkpoint[key]!r}, this run has {context[key]!r}: {fix}, "
+                 f"or drop {flag} to train it here.")
     return checkpoint
 
 
-# --- resuming ---------------------------------------------------------------------------------
+# --- resuming an interrupted run exactly --------------------------------------------------------
 def resumed_args(args, args_class, method: Optional[str]):
     """--resume: its checkpoint and the run's own arguments; of this command's flags only --resume,
     --stop-after and --cuda apply (a note names the others)."""
@@ -911,26 +883,22 @@ def resumed_args(args, args_class, method: Optional[str]):
         print(f"note: --resume continues the run with its own arguments; ignored: {' '.join(ignored)}")
     resume = load_checkpoint(args.resume, "--resume", "resume", ("iql", "cql"), {})
     if resume.get("method") != method:
-        def script(name):
-            return f"benchmark/baselines/{name}.py" if name else "offline_pretrain.py"
-
-        fail(f"--resume {args.resume!r} continues a run of {script(resume.get('method'))}, not of {script(method)}: "
-             f"pass it to that script, or pass a `resume.pt` written by this one.")
+        theirs, ours = (f"benchmark/baselines/{m}.py" if m else "offline_pretrain.py"
+                        for m in (resume.get("method"), method))
+        fail(f"--resume {args.resume!r} continues a run of {theirs}, not of {ours}: pass it to that script, or pass a "
+             f"`resume.pt` written by this one.")
     saved = {name: value for name, value in resume["args"].items() if name in args_class.__dataclass_fields__}
     return resume, args_class(**{**saved, **{name: getattr(args, name) for name in kept}})
 
 
-def continue_run(resume_path: str, resume: dict, sizes: tuple, total: int, unit: str):
+def continue_run(args, resume: dict, sizes: tuple, total: int, unit: str):
     """The step, run directory and TensorBoard writer of a resumed run. What the interrupted run logged
     after its resume.pt was written is dropped, so every step is logged once."""
     if (resume["obs_dim"], resume["act_dim"], resume["transitions"]) != sizes:
-        fail(f"--resume {resume_path!r} was made on {resume['transitions']} transitions of {resume['dataset_id']}, "
-             f"which now has {sizes[2]} (observations {sizes[0]}, actions {sizes[1]}): the dataset changed, so the "
-             f"run cannot continue exactly. Start a new run.")
-    run_dir = os.path.dirname(os.path.abspath(resume_path))
-    writer = SummaryWriter(run_dir, purge_step=resume["step"] + 1)
-    RUN_STATE.update(run_dir=run_dir, writer=writer)
-    RUN_STATE["checkpoints"]["resume"] = resume_path
+        fail(f"--resume {args.resume!r} was made on {resume['transitions']} transitions of {resume['dataset_id']}, "
+             f"which now has {sizes[2]}: the dataset changed, so the run cannot continue exactly. Start a new run.")
+    run_dir = os.path.dirname(os.path.abspath(args.resume))
+    writer = open_writer(run_dir, args, purge_step=resume["step"] + 1)
     print(f"resuming {run_dir} at {unit} {resume['step']} of {total}")
     return resume["step"], run_dir, writer
 
@@ -995,6 +963,7 @@ def restore_online_phase(resume: dict, buffer, env, critic_sum, actor_sum, count
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM (Slurm, timeout) stops as Ctrl-C does
     try:
         main(tyro.cli(Args))
     except KeyboardInterrupt:
