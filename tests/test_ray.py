@@ -2,6 +2,7 @@
 module) gives what the local launcher gives, resumes after an interruption, reports a failing run while
 the rest finish, and refuses a wrong address or root in seconds."""
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -86,12 +87,17 @@ def test_an_interrupted_ray_grid_resumes(grids, minari_store, ray_address, tmp_p
 
 
 def test_a_failing_ray_run_is_reported_and_the_others_finish(ray_address, minari_store, tmp_path):
-    result = smoke_grid(minari_store, tmp_path / "runs", "--launcher", "ray", "--ray-address", ray_address,
-                        datasets=("baq/hopper/missing-v0", "baq/hopper/tiny-v0"))
+    store = tmp_path / "store"  # the tiny dataset, and a copy of it whose data file is cut: its runs fail
+    shutil.copytree(minari_store, store)
+    shutil.copytree(store / "baq" / "hopper" / "tiny-v0", store / "baq" / "hopper" / "cut-v0")
+    data = next((store / "baq" / "hopper" / "cut-v0").rglob("main_data.hdf5"))
+    data.write_bytes(data.read_bytes()[:1000])
+    result = smoke_grid(store, tmp_path / "runs", "--launcher", "ray", "--ray-address", ray_address,
+                        datasets=("baq/hopper/cut-v0", "baq/hopper/tiny-v0"))
     assert result.returncode != 0 and "Traceback" not in result.stderr
-    assert "FAILED baq/hopper/missing-v0 offline-iql seed1 (exit 1" in result.stdout
-    assert "| error: --env-id 'baq/hopper/missing-v0'" in result.stdout  # the log's last line
-    assert "SKIP   baq/hopper/missing-v0 iql-baq seed1" in result.stdout
+    assert "FAILED baq/hopper/cut-v0 offline-iql seed1 (exit 1" in result.stdout
+    assert "| error: --env-id 'baq/hopper/cut-v0'" in result.stdout  # the log's last line
+    assert "SKIP   baq/hopper/cut-v0 iql-baq seed1" in result.stdout
     assert "5 of 10 runs finished, 2 failed, 3 skipped" in result.stdout
     assert len(artifacts(tmp_path / "runs")) == 5
 
