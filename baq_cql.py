@@ -12,9 +12,11 @@
 #
 # Edit above the PLUMBING banner (the BAQ terms, CQL.losses: read its docstring first, main); definitions
 # that other scripts also have are identical text in all (tests/test_copies.py). Docs: docs/baq.md
+import contextlib
 import ctypes
 import glob
 import hashlib
+import itertools
 import math
 import os
 import random
@@ -40,106 +42,62 @@ ALGORITHM = "cql"
 
 @dataclass
 class Args:
-    exp_name: Optional[str] = None
-    """the experiment's name in the run directory; default: the script and its variant (baq_cql, baq_cql-our-q, ...)"""
-    env_id: str = "hopper-medium-v2"
-    """the offline dataset: a D4RL name (hopper-medium-v2, ...) or a Minari id (baq/hopper/medium-v0)"""
-    seed: int = 1
-    """seed of the experiment"""
-    torch_deterministic: bool = True
-    """if toggled, `torch.backends.cudnn.deterministic=True`"""
-    cuda: bool = True
-    """use CUDA when it is available"""
-    compile: bool = False
-    """torch.compile the losses"""
-    threads: int = 0
-    """torch threads (0: one per core; 1 when other jobs share the cores)"""
-    runs_dir: str = "runs"
-    """where the run directories are created"""
-    track: bool = False
-    """log to Weights & Biases (TensorBoard synced)"""
-    wandb_project_name: str = "baq"
-    """the W&B project"""
-    wandb_entity: Optional[str] = None
-    """the W&B entity (team)"""
+    exp_name: Optional[str] = None  # the run's experiment name; default: the script and variant (baq_cql-our-q, ...)
+    env_id: str = "hopper-medium-v2"  # a D4RL name (hopper-medium-v2, ...) or a Minari id (baq/hopper/medium-v0)
+    seed: int = 1  # seed of the experiment
+    torch_deterministic: bool = True  # if toggled, `torch.backends.cudnn.deterministic=True`
+    cuda: bool = True  # use CUDA when it is available
+    compile: bool = False  # torch.compile the losses
+    threads: int = 0  # torch threads (0: one per core; 1 when other jobs share the cores)
+    runs_dir: str = "runs"  # where the run directories are created
+    track: bool = False  # log to Weights & Biases (TensorBoard synced)
+    wandb_project_name: str = "baq"  # the W&B project
+    wandb_entity: Optional[str] = None  # the W&B entity (team)
 
     # phases
-    offline_steps: int = 1_000_000
-    """offline gradient updates (skipped with --offline-checkpoint)"""
-    bc_steps: int = 100_000
-    """gradient updates of pi_BC (skipped with --bc-checkpoint)"""
-    online_steps: int = 30_000
-    """online environment steps, one gradient update each"""
-    offline_checkpoint: Optional[str] = None
-    """an `offline.pt` of this algorithm and dataset: skips pretraining; fixes --reward-scale, --obs-norm-eps"""
-    bc_checkpoint: Optional[str] = None
-    """a `bc.pt` of this dataset: skips behavior cloning"""
+    offline_steps: int = 1_000_000  # offline gradient updates (skipped with --offline-checkpoint)
+    bc_steps: int = 100_000  # gradient updates of pi_BC (skipped with --bc-checkpoint)
+    online_steps: int = 30_000  # online environment steps, one gradient update each
+    offline_checkpoint: Optional[str] = None  # an `offline.pt`: skips pretraining; fixes --reward-scale, --obs-norm-eps
+    bc_checkpoint: Optional[str] = None  # a `bc.pt` of this dataset: skips behavior cloning
 
     # evaluation and logging
-    eval_every: int = 5_000
-    """evaluate every this many online steps (and at step 0)"""
-    offline_eval_every: int = 100_000
-    """evaluate every this many offline updates (0: at the end only)"""
-    eval_episodes: int = 10
-    """deterministic episodes per evaluation"""
-    log_every: int = 1_000
-    """log the averaged losses and BAQ statistics every this many updates"""
+    eval_every: int = 5_000  # evaluate every this many online steps (and at step 0)
+    offline_eval_every: int = 100_000  # evaluate every this many offline updates (0: at the end only)
+    eval_episodes: int = 10  # deterministic episodes per evaluation
+    log_every: int = 1_000  # log the averaged losses and BAQ statistics every this many updates
 
     # shared hyperparameters
-    batch_size: int = 256
-    """batch size of every gradient update"""
-    gamma: float = 0.99
-    """discount factor"""
-    tau: float = 0.005
-    """target network soft-update rate"""
-    hidden_dim: int = 256
-    """width of every hidden layer"""
-    obs_norm_eps: float = 1e-3
-    """added to the dataset's observation std"""
-    reward_scale: Optional[float] = 1.0
-    """multiplies every reward (CORL's CQL: 1); None: 1000 / (max - min episode return)"""
-    bc_lr: float = 3e-4
-    """learning rate of pi_BC"""
+    batch_size: int = 256  # batch size of every gradient update
+    gamma: float = 0.99  # discount factor
+    tau: float = 0.005  # target network soft-update rate
+    hidden_dim: int = 256  # width of every hidden layer
+    obs_norm_eps: float = 1e-3  # added to the dataset's observation std
+    reward_scale: Optional[float] = 1.0  # multiplies every reward (CORL's CQL: 1); None: 1000 / (max - min return)
+    bc_lr: float = 3e-4  # learning rate of pi_BC
 
     # CQL
-    actor_lr: float = 3e-5
-    """actor learning rate (also the entropy temperature's)"""
-    critic_lr: float = 3e-4
-    """twin Q learning rate"""
-    cql_alpha: float = 10.0
-    """weight of the conservative penalty (Eq. 3's alpha with CORL's mean-squared TD term)"""
-    online_cql_alpha: Optional[float] = None
-    """weight of the conservative penalty online; default: --cql-alpha"""
-    cql_n_actions: int = 10
-    """sampled actions per state in each of the penalty's three action sets"""
-    cql_temperature: float = 1.0
-    """temperature of the penalty's log-sum-exp"""
-    target_entropy: Optional[float] = None
-    """entropy target of the temperature tuning; default: -|A|"""
+    actor_lr: float = 3e-5  # actor learning rate (also the entropy temperature's)
+    critic_lr: float = 3e-4  # twin Q learning rate
+    cql_alpha: float = 10.0  # weight of the conservative penalty (Eq. 3's alpha with CORL's mean-squared TD term)
+    online_cql_alpha: Optional[float] = None  # weight of the conservative penalty online; default: --cql-alpha
+    cql_n_actions: int = 10  # sampled actions per state in each of the penalty's three action sets
+    cql_temperature: float = 1.0  # temperature of the penalty's log-sum-exp
+    target_entropy: Optional[float] = None  # entropy target of the temperature tuning; default: -|A|
 
     # BAQ
-    weighted_loss: bool = True
-    """weight the Bellman term of the critic loss by w(s,a) (Eqs. 6, 7); alone: Our-Q"""
-    priority_sampling: bool = True
-    """sample transitions proportionally to rho (Eq. 10); alone: Our-S"""
-    kq: Optional[float] = None
-    """k_q of Eq. 6; default: the offline mean of mean((pi_BC(s)-a)^2)"""
-    kq_scale: float = 1.0
-    """multiplies k_q (> 1 weakens the weight)"""
-    krho: Optional[float] = None
-    """k_rho of Eq. 10; default: the offline mean of ||pi_BC(s)-a||"""
-    priority_alpha: float = 1.0
-    """alpha of Eq. 10 (0: uniform sampling)"""
-    offline_priorities: bool = False
-    """rho of Eq. 10 for the offline data too ("each transition in the replay buffer"); default: "a new transition"'s"""
+    weighted_loss: bool = True  # weight the Bellman term of the critic loss by w(s,a) (Eqs. 6, 7); alone: Our-Q
+    priority_sampling: bool = True  # sample transitions proportionally to rho (Eq. 10); alone: Our-S
+    kq: Optional[float] = None  # k_q of Eq. 6; default: the offline mean of mean((pi_BC(s)-a)^2)
+    kq_scale: float = 1.0  # multiplies k_q (> 1 weakens the weight)
+    krho: Optional[float] = None  # k_rho of Eq. 10; default: the offline mean of ||pi_BC(s)-a||
+    priority_alpha: float = 1.0  # alpha of Eq. 10 (0: uniform sampling)
+    offline_priorities: bool = False  # Eq. 10 for offline data too ("each transition"); default: "a new transition"
 
     # the adaptive behavior constraint of the later paper (off: the paper's Table 1 method)
-    behavior_constraint: bool = False
-    """add lambda_t E_s[u(s) mean((pi(s) - pi_BC(s))^2)] to the actor loss online"""
-    constraint_coef: float = 30.0
-    """lambda_0, the constraint's weight when fine-tuning starts"""
-    constraint_half_life: int = 5_000
-    """n_half of lambda_t = lambda_0 / (1 + n_conf / n_half)"""
+    behavior_constraint: bool = False  # add lambda_t E_s[u(s) mean((pi(s) - pi_BC(s))^2)] to the actor loss online
+    constraint_coef: float = 30.0  # lambda_0, the constraint's weight when fine-tuning starts
+    constraint_half_life: int = 5_000  # n_half of lambda_t = lambda_0 / (1 + n_conf / n_half)
 
     def __post_init__(self):
         if self.exp_name is None:
@@ -149,9 +107,7 @@ class Args:
         check_flags(self)
 
 
-# =============================================================================================
-# BAQ: pi_BC (Eq. 2), the weight w (Eq. 6) and the priority rho (Eq. 10)
-# =============================================================================================
+# ===== BAQ: pi_BC (Eq. 2), the weight w (Eq. 6) and the priority rho (Eq. 10) ===============================
 @torch.no_grad()
 def bc_divergence(bc_policy, obs, actions, chunk: int = 65536):
     """mean((pi_BC(s) - a)^2) over action dimensions, per transition."""
@@ -182,9 +138,8 @@ def constraint_coefficient(coef: float, confident, half_life: int):
 
 
 def train_bc(observations, actions, max_action: float, args: Args, writer):
-    """Eq. 2: pi_BC = argmin E_(s,a)~D[-log pi(a|s)] on the offline dataset's (normalized) states and
-    actions. Its own seed streams make pi_BC the same whether or not an offline phase ran before it,
-    and the same in every script."""
+    """Eq. 2: pi_BC = argmin E_(s,a)~D[-log pi(a|s)] on the offline data; its own seed streams make it the
+    same whether or not an offline phase ran before it, and in every script."""
     device = observations.device
     torch.manual_seed(args.seed)
     generator = torch.Generator(device).manual_seed(args.seed + 1)
@@ -207,9 +162,7 @@ def train_bc(observations, actions, max_action: float, args: Args, writer):
     return bc_policy
 
 
-# =============================================================================================
-# CQL with the BAQ weights (Eq. 7)
-# =============================================================================================
+# ===== CQL with the BAQ weights (Eq. 7) =====================================================================
 def cql_bellman_loss(q_data, td_target, weights):
     """Eq. 7: E[w(s,a) (Q(s,a) - B^pi Q_target(s,a))^2] for each critic, summed over the twin critics.
     The paper's text says the weight goes on the "conservative penalty term", but Eq. 7 weights the
@@ -329,13 +282,11 @@ def orthogonal_critic_init_(critic):
 
 
 class ActorCritic(nn.Module):
-    """What IQL and CQL share: one gradient step on the summed losses (see their `losses`), the soft
-    update of the target critics, pretrained weights loaded under this run's learning rates, and the
-    Q-value used by evaluation. Subclasses set actor, qf, qf_target, optimizer, compute_losses, args."""
+    """What IQL and CQL share: one step on the summed losses, the target update, pretrained weights under this
+    run's learning rates, Q for evaluation. Subclasses set actor, qf, qf_target, optimizer, compute_losses, args."""
 
     def update(self, batch, weights, constraint=None):
-        """One gradient step on a batch (s, a, r, s', terminal) with per-transition weights w; `constraint`
-        (pi_BC's actions on the batch, lambda_t, delta_0) adds the adaptive behavior constraint."""
+        """One step on a batch (s, a, r, s', terminal) weighted by w; `constraint`: (pi_BC(s), lambda_t, delta_0)."""
         total_loss, metrics = self.compute_losses(*batch, weights, constraint)
         self.optimizer.zero_grad(set_to_none=True)
         total_loss.backward()
@@ -364,10 +315,8 @@ class ActorCritic(nn.Module):
         return (qs[0] - qs[1]).abs()
 
     def behavior_constraint(self, obs, policy_actions, bc_actions, coef, scale):
-        """The adaptive behavior constraint (this project's reading of the later paper's dual objective):
-        lambda_t E_s[u(s) mean((pi(s) - pi_BC(s))^2)], with the gate u(s) = 1 - exp(-delta(s, pi(s)) / delta_0)
-        in [0, 1) growing with the critics' disagreement. The gate is computed without gradient, so the term
-        reaches only the actor. Returns the term and the batch's mean gate."""
+        """The adaptive behavior constraint (our reading of the later paper): lambda_t E_s[u(s) mean((pi(s) -
+        pi_BC(s))^2)], gate u(s) = 1 - exp(-delta(s, pi(s)) / delta_0) without gradient. Returns it, mean u."""
         gate = 1.0 - torch.exp(-self.q_disagreement(obs, policy_actions.detach()) / scale)
         return coef * (gate * (policy_actions - bc_actions).pow(2).mean(-1)).mean(), gate.mean()
 
@@ -402,17 +351,12 @@ class CQL(ActorCritic):
         self.cql_alpha.fill_(self.args.cql_alpha if self.args.online_cql_alpha is None else self.args.online_cql_alpha)
 
     def losses(self, obs, actions, rewards, next_obs, terminals, weights, constraint=None):
-        """CQL's temperature, actor and critic losses, summed, with the behavior constraint's actor term
-        when given. One backward pass and one Adam step on the sum equal the peer's (CORL's) three
-        sequential updates, because every loss is built from the parameters as they were before this step
-        and reaches only its own parameter group: the actor sees the critics through detached weights,
-        the TD target and the penalty's sampled actions are computed without gradient, alpha enters the
-        actor loss detached, and the constraint's gate is computed without gradient. An edit that lets a
-        loss reach another network's parameters (e.g. Q(s, pi(s)) through the live critics) silently
-        changes the algorithm: detach it, or step it separately.
-
-        Layout, batch B and n = --cql-n-actions (every sampled action in one actor pass, every Q in one
-        critic pass, all at s as in CORL):
+        """CQL's temperature, actor and critic losses, summed (with the constraint's actor term when given). One
+        step on the sum equals CORL's three sequential updates because each loss reaches only its own parameter
+        group, from parameters as they were before the step (the actor sees detached critic weights; TD target and
+        sampled actions without gradient; alpha detached in the actor loss). An edit that lets a loss reach another
+        network (Q(s, pi(s)) through the live critics) changes the algorithm. Batch B, n = --cql-n-actions, one
+        actor pass and one critic pass, all at s as in CORL:
             sampled = [pi(s') | pi(s) x n | pi(s') x n]      rows B + 2Bn, no gradient
             q_all   = [data | uniform | pi(s) | pi(s')]      columns B + 3Bn, per critic
         """
@@ -455,15 +399,11 @@ class CQL(ActorCritic):
 Agent = CQL
 
 
-# =============================================================================================
-# The replay buffer: offline and online data, uniform or proportional (Eq. 10) sampling
-# =============================================================================================
+# ===== The replay buffer: offline and online data, uniform or proportional (Eq. 10) sampling ================
 class ReplayBuffer:
-    """Offline and online transitions in one preallocated buffer on the device, each with its weight w
-    (Eq. 6) and priority rho (Eq. 10). pi_BC is frozen and a stored action never changes, so w and rho
-    are fixed when a transition enters. Proportional sampling, P_i = rho_i / sum_j rho_j, is then exact
-    and O(log n) per sample: an append-only float64 prefix sum of rho and a binary search, with no pass
-    over the buffer per update."""
+    """Offline and online transitions on the device, each with its w (Eq. 6) and rho (Eq. 10), fixed when it
+    enters (pi_BC is frozen). Sampling P_i = rho_i / sum_j rho_j is exact, O(log n): a binary search in an
+    append-only float64 prefix sum of rho."""
 
     def __init__(self, capacity: int, obs_dim: int, act_dim: int, device, seed: int):
         def zeros(*shape, dtype=torch.float32):
@@ -501,9 +441,7 @@ class ReplayBuffer:
                      self.terminals[idx])
 
 
-# =============================================================================================
-# The run: offline pretraining, pi_BC, BAQ fine-tuning online
-# =============================================================================================
+# ===== The run: offline pretraining, pi_BC, BAQ fine-tuning online ==========================================
 def main(args: Args):
     device = seed_and_pick_device(args)
     if device.type == "cpu":
@@ -513,12 +451,10 @@ def main(args: Args):
     data, make_env, ref_scores, max_action = load_offline_data(args.env_id)
     obs_dim, act_dim, n_offline = data["observations"].shape[1], data["actions"].shape[1], len(data["rewards"])
     context = {"dataset_id": args.env_id, "obs_dim": obs_dim, "act_dim": act_dim, "hidden_dim": args.hidden_dim}
-    offline_checkpoint = bc_checkpoint = None
-    if args.offline_checkpoint:
-        offline_checkpoint = load_checkpoint(args.offline_checkpoint, "--offline-checkpoint", "offline", (ALGORITHM,),
-                                             context)
-    if args.bc_checkpoint:
-        bc_checkpoint = load_checkpoint(args.bc_checkpoint, "--bc-checkpoint", "bc", ("bc",), context)
+    offline_checkpoint = args.offline_checkpoint and load_checkpoint(
+        args.offline_checkpoint, "--offline-checkpoint", "offline", (ALGORITHM,), context)
+    bc_checkpoint = args.bc_checkpoint and load_checkpoint(
+        args.bc_checkpoint, "--bc-checkpoint", "bc", ("bc",), context)
     obs_mean, obs_std, reward_scale = data_statistics(data, args, offline_checkpoint, bc_checkpoint)
     context.update(obs_mean=torch.as_tensor(obs_mean), obs_std=torch.as_tensor(obs_std), reward_scale=reward_scale)
 
@@ -661,10 +597,8 @@ def main(args: Args):
     print(f"done: {run_dir}")
 
 
-# =============================================================================================
-# PLUMBING: flags, the run directory, data, evaluation, checkpoints. Nothing here depends on the
-# algorithm; a definition that two scripts have is the same text in both (tests/test_copies.py).
-# =============================================================================================
+# ===== PLUMBING: flags, the run directory, data, evaluation, checkpoints ====================================
+# Nothing here depends on the algorithm; a definition two scripts have is the same text (tests/test_copies.py).
 def fail(message: str):
     """Stop with one line (the input, the cause, the fix) and a non-zero exit."""
     raise SystemExit(f"error: {message}")
@@ -687,19 +621,17 @@ FLAG_DOMAINS = {  # the values each numeric flag accepts (NaN and inf never): se
 
 
 def check_flags(args):
-    """Before anything is loaded or written: every numeric flag in its domain (NaN and inf never), and an
-    --exp-name and --runs-dir that give a run directory inside --runs-dir."""
+    """Before anything loads: numeric flags in their domains, a run directory inside a writable --runs-dir."""
     for name, (domain, accepts) in FLAG_DOMAINS.items():
         value = getattr(args, name)
         if value is not None and not (math.isfinite(value) and accepts(value)):
             fail(f"--{name.replace('_', '-')} {value} is outside its domain: it must be {domain}.")
     if args.exp_name is not None and not re.fullmatch(r"\w[\w.+=-]{0,99}", args.exp_name):
-        fail(f"--exp-name {args.exp_name!r} is not a folder name: use up to 100 letters, digits and . _ + = - "
-             f"(no /), starting with a letter or digit.")
+        fail(f"--exp-name {args.exp_name!r} is not a folder name: use up to 100 letters, digits and . _ + = -.")
     folder = os.path.abspath(args.runs_dir) if args.runs_dir else ""
     while folder and not os.path.exists(folder):
         folder = os.path.dirname(folder)
-    if not folder or not os.path.isdir(folder) or not os.access(folder, os.W_OK | os.X_OK):
+    if not (os.path.isdir(folder) and os.access(folder, os.W_OK | os.X_OK)):
         fail(f"--runs-dir {args.runs_dir!r} cannot hold run directories ({folder or 'empty'} is not a writable "
              f"folder): pass a writable folder.")
 
@@ -744,26 +676,18 @@ def open_writer(run_dir: str, args, purge_step: Optional[int] = None):
 
 
 def start_run(args, description: str, ref_scores):
-    """CleanRL's run directory {runs_dir}/{env_id}__{exp_name}__{seed}__{time}, created exclusively (a second run
-    started in the same second gets _1, _2, ...), and its hyperparameters table, which names the script's
-    content hash and git commit so that the runs of an edited copy can be told apart."""
+    """CleanRL's run directory {runs_dir}/{env_id}__{exp_name}__{seed}__{time}, created exclusively (_1, _2, ...
+    when taken), and the hyperparameters with the script's hash and git commit (an edited copy's runs differ)."""
     name = f"{args.env_id.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}"
     os.makedirs(args.runs_dir, exist_ok=True)
-    run_dir, attempt = os.path.join(args.runs_dir, name), 0
-    while True:
-        try:
+    for attempt in itertools.count():
+        run_dir = os.path.join(args.runs_dir, f"{name}_{attempt}" if attempt else name)
+        with contextlib.suppress(FileExistsError):
             os.mkdir(run_dir)
             break
-        except FileExistsError:
-            attempt += 1
-            run_dir = os.path.join(args.runs_dir, f"{name}_{attempt}")
-    writer = open_writer(run_dir, args)
-    source = os.path.abspath(__file__)
-    try:
-        commit = subprocess.run(["git", "-C", os.path.dirname(source), "rev-parse", "HEAD"], capture_output=True,
-                                text=True).stdout.strip()
-    except OSError:  # no git
-        commit = ""
+    writer, source = open_writer(run_dir, args), os.path.abspath(__file__)
+    git = ["git", "-C", os.path.dirname(source), "rev-parse", "HEAD"]
+    commit = subprocess.run(git, capture_output=True, text=True).stdout.strip() if shutil.which("git") else ""
     with open(source, "rb") as f:
         rows = {**vars(args), "script_sha256": hashlib.sha256(f.read()).hexdigest()[:16], "git_commit": commit or "-"}
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in rows.items()))
@@ -797,31 +721,30 @@ def progress(steps, description: str, unit: str):
 
 def log_metrics(writer, prefix: str, names, metric_sum, count: int, step: int):
     """The metrics averaged since the last log (read from the device once); a non-finite one stops the run."""
-    values = (metric_sum / count).tolist()
-    for name, value in zip(names, values):
+    for name, value in zip(names, (metric_sum / count).tolist()):
         writer.add_scalar(f"{prefix}{name}", value, step)
-    diverged = [f"{prefix}{name} = {value}" for name, value in zip(names, values) if not math.isfinite(value)]
-    if diverged:
-        writer.close()
-        fail(f"at step {step} {diverged[0]}: the run diverged, and stops with what it saved in {RUN['run_dir']}; "
-             f"lower the learning rates or the reward scale.")
+        if not math.isfinite(value):
+            writer.close()
+            fail(f"at step {step} {prefix}{name} = {value}: the run diverged, and stops with what it saved in "
+                 f"{RUN['run_dir']}; lower the learning rates or the reward scale.")
 
 
 # --- data: D4RL names and Minari ids, episodes to transitions, scores -------------------------
 D4RL_REF_SCORES = {  # (random, expert) returns of d4rl/infos.py, the same for every locomotion version
-    "hopper": (-20.272305, 3234.3),
-    "halfcheetah": (-280.178953, 12135.0),
-    "walker2d": (1.629008, 4592.3),
-}
+    "hopper": (-20.272305, 3234.3), "halfcheetah": (-280.178953, 12135.0), "walker2d": (1.629008, 4592.3)}
 LEVELS = ("medium", "medium-replay", "medium-expert", "expert", "random")  # D4RL's; make_dataset.py builds each
 MINARI_LEVELS = {"medium": ["medium"], "expert": ["expert"], "medium-expert": ["medium", "expert"]}  # Minari has
 
 
-def how_to_build(env: str, level: str) -> str:
-    """The command that builds baq/<env>/<level>-v0 locally."""
-    if level == "medium-replay":
-        return f"`python benchmark/make_dataset.py --env {env} --medium-replay` (SAC trained again: 30-50 min on a CPU)"
-    return f"`python benchmark/make_dataset.py --env {env} --levels {level} --from-policy` (minutes)"
+def how_to_build(dataset_id: str) -> str:
+    """The command that builds a D4RL level as baq/<env>/<level>-v0 locally, or what to check."""
+    known = re.fullmatch(r"(?:baq|mujoco)/(hopper|halfcheetah|walker2d)/([a-z-]+)-v0", dataset_id)
+    if not known or known[2] not in LEVELS:
+        return f"check the id (case-sensitive; make_dataset.py builds baq/<env>/<level>-v0, <level> in {LEVELS})"
+    (env, level), script = known.groups(), "python benchmark/make_dataset.py --env"
+    how = (f"`{script} {env} --medium-replay` (SAC trained again: 30-50 min on a CPU)" if level == "medium-replay"
+           else f"`{script} {env} --levels {level} --from-policy` (minutes)")
+    return f"build it with {how} and pass --env-id baq/{env}/{level}-v0"
 
 
 def resolve_dataset_ids(env_id: str) -> list:
@@ -831,17 +754,14 @@ def resolve_dataset_ids(env_id: str) -> list:
         return [env_id]
     env, level = d4rl.groups()
     if env_id != env_id.lower() or level not in LEVELS:
-        fail(f"--env-id {env_id!r} is not a D4RL name: write {env}-<level>-v2 in lower case, with <level> one of "
-             f"{', '.join(LEVELS)}.")
+        fail(f"--env-id {env_id!r} is not a D4RL name: write {env}-<level>-v2 in lower case, <level> in {LEVELS}.")
     if level not in MINARI_LEVELS:
-        fail(f"--env-id {env_id!r} has no Minari counterpart to download: build it with {how_to_build(env, level)} "
-             f"and pass --env-id baq/{env}/{level}-v0.")
+        fail(f"--env-id {env_id!r} has no Minari counterpart to download: {how_to_build(f'baq/{env}/{level}-v0')}.")
     return [f"mujoco/{env}/{name}-v0" for name in MINARI_LEVELS[level]]
 
 
 def load_minari_dataset(dataset_id: str, env_id: str):
-    """A Minari dataset, from the local store or downloaded (Minari's own load-or-download), and its
-    transitions. Any failure stops the run with one line; a store folder that was not there is not left."""
+    """A Minari dataset, local or downloaded, and its transitions; a failure leaves no store it created."""
     import minari
 
     store = os.environ.get("MINARI_DATASETS_PATH") or os.path.join(os.path.expanduser("~"), ".minari", "datasets")
@@ -855,35 +775,26 @@ def load_minari_dataset(dataset_id: str, env_id: str):
         local = os.path.isdir(os.path.join(folder, "data"))
         if not had_store:
             shutil.rmtree(store, ignore_errors=True)
-        d4rl = re.fullmatch(r"(?:baq|mujoco)/(hopper|halfcheetah|walker2d)/([a-z-]+)-v0", dataset_id)
-        build = (f"build it with {how_to_build(*d4rl.groups())} and pass --env-id baq/{d4rl[1]}/{d4rl[2]}-v0"
-                 if d4rl and d4rl[2] in LEVELS else
-                 f"check the id (case-sensitive; make_dataset.py builds baq/<env>/<level>-v0 for the levels "
-                 f"{', '.join(LEVELS)})")
         cause = f"its files in {folder} cannot be read" if local else f"it is not in the store {store} nor downloadable"
         fail(f"--env-id {env_id!r} needs the Minari dataset {dataset_id!r}, but {cause} ({type(err).__name__}: "
-             f"{' '.join(str(err).split())[:200]}); {'delete that folder and ' if local else ''}{build}.")
+             f"{' '.join(str(err).split())[:200]}); {'delete that folder and ' if local else ''}"
+             f"{how_to_build(dataset_id)}.")
 
 
 def episodes_to_transitions(episodes) -> dict:
-    """(s, a, r, s', terminal) arrays of Minari episodes. Terminations are terminal; truncations (time limits)
-    are not, so their last transition bootstraps from s'."""
-    parts = {k: [] for k in ("observations", "actions", "rewards", "next_observations", "terminals")}
-    returns = []
+    """(s, a, r, s', terminal) of Minari episodes: a truncation (time limit) is not terminal, it bootstraps from s'."""
+    keys = ("observations", "actions", "rewards", "next_observations", "terminals")
+    parts, returns = {key: [] for key in keys}, []
     for episode in episodes:
-        observations = np.asarray(episode.observations, dtype=np.float32)
-        parts["observations"].append(observations[:-1])
-        parts["next_observations"].append(observations[1:])
-        parts["actions"].append(np.asarray(episode.actions, dtype=np.float32))
-        parts["rewards"].append(np.asarray(episode.rewards, dtype=np.float32))
-        parts["terminals"].append(np.asarray(episode.terminations, dtype=np.float32))
+        obs = np.asarray(episode.observations, dtype=np.float32)
+        for key, value in zip(keys, (obs[:-1], episode.actions, episode.rewards, obs[1:], episode.terminations)):
+            parts[key].append(np.asarray(value, dtype=np.float32))
         returns.append(float(np.sum(episode.rewards)))
-    return {**{k: np.concatenate(v) for k, v in parts.items()}, "episode_returns": np.asarray(returns)}
+    return {**{key: np.concatenate(value) for key, value in parts.items()}, "episode_returns": np.asarray(returns)}
 
 
 def load_offline_data(env_id: str):
-    """Transitions of --env-id, a maker of its environment (`make_env(eval_env=...)`), its reference scores
-    (None when unknown) and its action bound c of the box [-c, c] that the tanh policies need."""
+    """Transitions, an environment maker (`make_env(eval_env=...)`), reference scores (or None), action bound."""
     loaded = [load_minari_dataset(dataset_id, env_id) for dataset_id in resolve_dataset_ids(env_id)]
     first, space = loaded[0][0], loaded[0][0].action_space
     spaces = {(str(d.observation_space), str(d.action_space)) for d, _ in loaded}
@@ -900,17 +811,16 @@ def load_offline_data(env_id: str):
 
 
 def data_statistics(data: dict, args, offline_checkpoint, bc_checkpoint):
-    """Observation mean and std and the reward scale: an offline checkpoint's (its networks were trained with
-    them: a flag asking for others is refused), else the dataset's; a BC checkpoint must agree with them. The
-    reward scale used is written into args, so that the run's records name it."""
+    """Observation mean and std and the reward scale: an offline checkpoint's (a flag asking for others is
+    refused), else the dataset's; a BC checkpoint must agree. The used reward scale goes into args' records."""
     if offline_checkpoint:
-        for name, value in (("reward_scale", offline_checkpoint["reward_scale"]),
-                            ("obs_norm_eps", offline_checkpoint["args"].get("obs_norm_eps"))):
-            given = getattr(args, name, None)  # the baselines have no such flags: the checkpoint decides
+        fixed = {"--reward-scale": offline_checkpoint["reward_scale"],
+                 "--obs-norm-eps": offline_checkpoint["args"].get("obs_norm_eps")}
+        for flag, value in fixed.items():
+            given = getattr(args, flag[2:].replace("-", "_"), None)  # the baselines have no such flags
             if given not in (None, value):
-                flag = f"--{name.replace('_', '-')}"
-                fail(f"{flag} {given} differs from the offline checkpoint's {value}, which fixes it: "
-                     f"pass {flag} {value}, or a checkpoint trained with {given}.")
+                fail(f"{flag} {given} differs from the offline checkpoint's {value}, which fixes it: pass {flag} "
+                     f"{value}, or a checkpoint trained with {given}.")
         obs_mean, obs_std = offline_checkpoint["obs_mean"].numpy(), offline_checkpoint["obs_std"].numpy()
         reward_scale = offline_checkpoint["reward_scale"]
     else:
@@ -929,32 +839,27 @@ def data_statistics(data: dict, args, offline_checkpoint, bc_checkpoint):
 
 def normalized_score(episode_return, ref_scores):
     """D4RL normalized score: 100 * (R - R_random) / (R_expert - R_random)."""
-    ref_min, ref_max = ref_scores
-    return 100.0 * (np.asarray(episode_return) - ref_min) / (ref_max - ref_min)
+    return 100.0 * (np.asarray(episode_return) - ref_scores[0]) / (ref_scores[1] - ref_scores[0])
 
 
 # --- evaluation -------------------------------------------------------------------------------
 def discounted_returns_to_go(rewards, gamma: float):
-    returns, running = np.zeros(len(rewards)), 0.0
-    for t in range(len(rewards) - 1, -1, -1):
-        running = rewards[t] + gamma * running
-        returns[t] = running
-    return returns
+    returns = [0.0]
+    for reward in reversed(rewards):
+        returns.append(reward + gamma * returns[-1])
+    return np.asarray(returns[:0:-1])
 
 
 def evaluate(agent, env, normalize, episodes: int, seed: int, gamma: float, reward_scale: float, device):
-    """Deterministic episodes. Returns their returns and the Q bias: mean over visited (s_t, a_t) of
-    Q(s_t, a_t) / reward_scale minus the discounted return collected from t on (reward units)."""
+    """Deterministic episodes' returns and the Q bias: mean of Q(s_t, a_t) / reward_scale - return-to-go."""
     episode_returns, q_errors = [], []
     for episode in range(episodes):
         obs, _ = env.reset(seed=seed + episode)
         states, actions, rewards, done = [], [], [], False
         while not done:
-            state = torch.as_tensor(normalize(obs), dtype=torch.float32, device=device)
-            action = agent.act(state[None], deterministic=True)[0]
-            obs, reward, terminated, truncated, _ = env.step(action.cpu().numpy())
-            states.append(state)
-            actions.append(action)
+            states.append(torch.as_tensor(normalize(obs), dtype=torch.float32, device=device))
+            actions.append(agent.act(states[-1][None], deterministic=True)[0])
+            obs, reward, terminated, truncated, _ = env.step(actions[-1].cpu().numpy())
             rewards.append(reward)
             done = terminated or truncated
         q = agent.q_value(torch.stack(states), torch.stack(actions)).cpu().numpy() / reward_scale
@@ -964,14 +869,13 @@ def evaluate(agent, env, normalize, episodes: int, seed: int, gamma: float, rewa
 
 
 def log_evaluation(writer, prefix: str, step: int, ref_scores, returns, q_bias: float):
-    writer.add_scalar(f"{prefix}eval/return", returns.mean(), step)
-    writer.add_scalar(f"{prefix}eval/q_bias", q_bias, step)
-    score = ""
+    scores = {"return": returns.mean(), "q_bias": q_bias}
     if ref_scores is not None:
-        writer.add_scalar(f"{prefix}eval/normalized_score", normalized_score(returns.mean(), ref_scores), step)
-        score = f", normalized score {normalized_score(returns.mean(), ref_scores):.1f}"
-    tqdm.write(f"{prefix or 'online/'}step {step}: return {returns.mean():.1f} +/- {returns.std():.1f}{score}, "
-               f"Q bias {q_bias:.1f}")
+        scores["normalized_score"] = normalized_score(returns.mean(), ref_scores)
+    for name, value in scores.items():
+        writer.add_scalar(f"{prefix}eval/{name}", value, step)
+    shown = ", ".join(f"{name} {value:.1f}" for name, value in scores.items())
+    tqdm.write(f"{prefix or 'online/'}step {step}: {shown} (return std {returns.std():.1f})")
 
 
 # --- checkpoints ------------------------------------------------------------------------------
@@ -992,9 +896,8 @@ def load_checkpoint(path: str, flag: str, kind: str, algorithms: tuple, context:
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != "baq-checkpoint-1":
         fail(f"{flag} {path!r} is not a BAQ checkpoint: pass a `{kind}.pt` written by an earlier run.")
     if checkpoint["kind"] != kind or checkpoint["algorithm"] not in algorithms:
-        needed = " or ".join(a.upper() for a in algorithms)
         fail(f"{flag} {path!r} holds a checkpoint of kind {checkpoint['kind']!r} by {checkpoint['algorithm'].upper()}: "
-             f"pass the `{kind}.pt` of an earlier {needed} run.")
+             f"pass the `{kind}.pt` of an earlier {' or '.join(a.upper() for a in algorithms)} run.")
     for key in ("dataset_id", "obs_dim", "act_dim", "hidden_dim"):
         if key in context and checkpoint[key] != context[key]:
             fix = f"pass --hidden-dim {checkpoint[key]}" if key == "hidden_dim" else "pass a checkpoint of this dataset"

@@ -6,8 +6,10 @@
 #
 # Definitions that the other top-level scripts also have are identical text in all of them
 # (tests/test_copies.py checks it): change them everywhere at once.
+import contextlib
 import glob
 import hashlib
+import itertools
 import math
 import os
 import random
@@ -28,54 +30,34 @@ import tyro
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
+
 @dataclass
 class Args:
-    exp_name: str = os.path.basename(__file__)[: -len(".py")]
-    """the experiment's name in the run directory"""
-    env_id: str = "hopper-medium-v2"
-    """the offline dataset: a D4RL name (hopper-medium-v2, ...) or a Minari id (baq/hopper/medium-v0)"""
-    seed: int = 1
-    """seed of the experiment (python, numpy, torch, environments, replay sampling)"""
-    torch_deterministic: bool = True
-    """if toggled, `torch.backends.cudnn.deterministic=True`"""
-    cuda: bool = True
-    """use CUDA when it is available (otherwise the CPU, with a one-line note)"""
-    threads: int = 0
-    """torch threads (0: one per core; 1 when other jobs share the cores)"""
-    runs_dir: str = "runs"
-    """directory under which the run directory (TensorBoard events and checkpoints) is created"""
-    track: bool = False
-    """log to Weights & Biases (TensorBoard synced)"""
-    wandb_project_name: str = "baq"
-    """the W&B project"""
-    wandb_entity: Optional[str] = None
-    """the W&B entity (team)"""
-    bc_steps: int = 100_000
-    """gradient updates of pi_BC (0 leaves pi_BC at its random initialization)"""
-    offline_checkpoint: Optional[str] = None
-    """an `offline.pt` (IQL or CQL) on the same dataset: also measure and plot Figure 1"""
-    eval_episodes: int = 10
-    """deterministic episodes of the BC policy's evaluation"""
-    log_every: int = 1_000
-    """write the BC loss every this many updates (averaged over them)"""
-    figure_points: int = 2_000
-    """dataset transitions drawn in each panel of the Figure 1 plot (the MSEs use every transition)"""
-    batch_size: int = 256
-    """batch size of every gradient update"""
-    hidden_dim: int = 256
-    """width of every hidden layer"""
-    obs_norm_eps: float = 1e-3
-    """added to the dataset's observation std for state normalization"""
-    bc_lr: float = 3e-4
-    """learning rate of pi_BC"""
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]  # the experiment's name in the run directory
+    env_id: str = "hopper-medium-v2"  # a D4RL name (hopper-medium-v2, ...) or a Minari id (baq/hopper/medium-v0)
+    seed: int = 1  # seed of the experiment (python, numpy, torch, environments, replay sampling)
+    torch_deterministic: bool = True  # if toggled, `torch.backends.cudnn.deterministic=True`
+    cuda: bool = True  # use CUDA when it is available (otherwise the CPU, with a one-line note)
+    threads: int = 0  # torch threads (0: one per core; 1 when other jobs share the cores)
+    runs_dir: str = "runs"  # directory under which the run directory (TensorBoard events and checkpoints) is created
+    track: bool = False  # log to Weights & Biases (TensorBoard synced)
+    wandb_project_name: str = "baq"  # the W&B project
+    wandb_entity: Optional[str] = None  # the W&B entity (team)
+    bc_steps: int = 100_000  # gradient updates of pi_BC (0 leaves pi_BC at its random initialization)
+    offline_checkpoint: Optional[str] = None  # an IQL or CQL `offline.pt` of this dataset: also plot Figure 1
+    eval_episodes: int = 10  # deterministic episodes of the BC policy's evaluation
+    log_every: int = 1_000  # write the BC loss every this many updates (averaged over them)
+    figure_points: int = 2_000  # transitions drawn per Figure 1 panel (the MSEs use every transition)
+    batch_size: int = 256  # batch size of every gradient update
+    hidden_dim: int = 256  # width of every hidden layer
+    obs_norm_eps: float = 1e-3  # added to the dataset's observation std for state normalization
+    bc_lr: float = 3e-4  # learning rate of pi_BC
 
     def __post_init__(self):
         check_flags(self)
 
 
-# =============================================================================================
-# pi_BC (Eq. 2)
-# =============================================================================================
+# ===== pi_BC (Eq. 2) ========================================================================================
 @torch.no_grad()
 def bc_divergence(bc_policy, obs, actions, chunk: int = 65536):
     """mean((pi_BC(s) - a)^2) over action dimensions, per transition."""
@@ -83,9 +65,8 @@ def bc_divergence(bc_policy, obs, actions, chunk: int = 65536):
 
 
 def train_bc(observations, actions, max_action: float, args: Args, writer):
-    """Eq. 2: pi_BC = argmin E_(s,a)~D[-log pi(a|s)] on the offline dataset's (normalized) states and
-    actions. Its own seed streams make pi_BC the same whether or not an offline phase ran before it,
-    and the same in every script."""
+    """Eq. 2: pi_BC = argmin E_(s,a)~D[-log pi(a|s)] on the offline data; its own seed streams make it the
+    same whether or not an offline phase ran before it, and in every script."""
     device = observations.device
     torch.manual_seed(args.seed)
     generator = torch.Generator(device).manual_seed(args.seed + 1)
@@ -108,9 +89,7 @@ def train_bc(observations, actions, max_action: float, args: Args, writer):
     return bc_policy
 
 
-# =============================================================================================
-# Networks: pi_BC, and the offline actors that Figure 1 loads
-# =============================================================================================
+# ===== Networks: pi_BC, and the offline actors that Figure 1 loads ==========================================
 def mlp(in_dim: int, out_dim: int, hidden_dim: int, n_hidden: int) -> nn.Sequential:
     layers, dim = [], in_dim
     for _ in range(n_hidden):
@@ -171,9 +150,7 @@ class TanhGaussianActor(nn.Module):
         return self.max_action * torch.tanh(u), log_prob
 
 
-# =============================================================================================
-# Evaluation and Figure 1
-# =============================================================================================
+# ===== Evaluation and Figure 1 ==============================================================================
 @torch.no_grad()
 def evaluate_policy(policy, env, normalize, episodes: int, seed: int, device):
     """Returns of deterministic episodes of pi_BC (its mean action)."""
@@ -238,9 +215,7 @@ def plot_figure1(predictions: dict, actions, mse: dict, path: str, points: int, 
     os.replace(f"{path}.tmp.png", path)
 
 
-# =============================================================================================
-# The run: pi_BC, its evaluation, Figure 1
-# =============================================================================================
+# ===== The run: pi_BC, its evaluation, Figure 1 =============================================================
 def main(args: Args):
     device = seed_and_pick_device(args)
 
@@ -301,10 +276,8 @@ def main(args: Args):
     print(f"done: {os.path.join(run_dir, 'bc.pt')}")
 
 
-# =============================================================================================
-# PLUMBING: flags, the run directory, data, evaluation, checkpoints. Nothing here depends on the
-# algorithm; a definition that two scripts have is the same text in both (tests/test_copies.py).
-# =============================================================================================
+# ===== PLUMBING: flags, the run directory, data, evaluation, checkpoints ====================================
+# Nothing here depends on the algorithm; a definition two scripts have is the same text (tests/test_copies.py).
 def fail(message: str):
     """Stop with one line (the input, the cause, the fix) and a non-zero exit."""
     raise SystemExit(f"error: {message}")
@@ -319,19 +292,17 @@ FLAG_DOMAINS = {  # the values each numeric flag accepts (NaN and inf never): se
 
 
 def check_flags(args):
-    """Before anything is loaded or written: every numeric flag in its domain (NaN and inf never), and an
-    --exp-name and --runs-dir that give a run directory inside --runs-dir."""
+    """Before anything loads: numeric flags in their domains, a run directory inside a writable --runs-dir."""
     for name, (domain, accepts) in FLAG_DOMAINS.items():
         value = getattr(args, name)
         if value is not None and not (math.isfinite(value) and accepts(value)):
             fail(f"--{name.replace('_', '-')} {value} is outside its domain: it must be {domain}.")
     if args.exp_name is not None and not re.fullmatch(r"\w[\w.+=-]{0,99}", args.exp_name):
-        fail(f"--exp-name {args.exp_name!r} is not a folder name: use up to 100 letters, digits and . _ + = - "
-             f"(no /), starting with a letter or digit.")
+        fail(f"--exp-name {args.exp_name!r} is not a folder name: use up to 100 letters, digits and . _ + = -.")
     folder = os.path.abspath(args.runs_dir) if args.runs_dir else ""
     while folder and not os.path.exists(folder):
         folder = os.path.dirname(folder)
-    if not folder or not os.path.isdir(folder) or not os.access(folder, os.W_OK | os.X_OK):
+    if not (os.path.isdir(folder) and os.access(folder, os.W_OK | os.X_OK)):
         fail(f"--runs-dir {args.runs_dir!r} cannot hold run directories ({folder or 'empty'} is not a writable "
              f"folder): pass a writable folder.")
 
@@ -364,26 +335,18 @@ def open_writer(run_dir: str, args, purge_step: Optional[int] = None):
 
 
 def start_run(args, description: str, ref_scores):
-    """CleanRL's run directory {runs_dir}/{env_id}__{exp_name}__{seed}__{time}, created exclusively (a second run
-    started in the same second gets _1, _2, ...), and its hyperparameters table, which names the script's
-    content hash and git commit so that the runs of an edited copy can be told apart."""
+    """CleanRL's run directory {runs_dir}/{env_id}__{exp_name}__{seed}__{time}, created exclusively (_1, _2, ...
+    when taken), and the hyperparameters with the script's hash and git commit (an edited copy's runs differ)."""
     name = f"{args.env_id.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}"
     os.makedirs(args.runs_dir, exist_ok=True)
-    run_dir, attempt = os.path.join(args.runs_dir, name), 0
-    while True:
-        try:
+    for attempt in itertools.count():
+        run_dir = os.path.join(args.runs_dir, f"{name}_{attempt}" if attempt else name)
+        with contextlib.suppress(FileExistsError):
             os.mkdir(run_dir)
             break
-        except FileExistsError:
-            attempt += 1
-            run_dir = os.path.join(args.runs_dir, f"{name}_{attempt}")
-    writer = open_writer(run_dir, args)
-    source = os.path.abspath(__file__)
-    try:
-        commit = subprocess.run(["git", "-C", os.path.dirname(source), "rev-parse", "HEAD"], capture_output=True,
-                                text=True).stdout.strip()
-    except OSError:  # no git
-        commit = ""
+    writer, source = open_writer(run_dir, args), os.path.abspath(__file__)
+    git = ["git", "-C", os.path.dirname(source), "rev-parse", "HEAD"]
+    commit = subprocess.run(git, capture_output=True, text=True).stdout.strip() if shutil.which("git") else ""
     with open(source, "rb") as f:
         rows = {**vars(args), "script_sha256": hashlib.sha256(f.read()).hexdigest()[:16], "git_commit": commit or "-"}
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in rows.items()))
@@ -414,19 +377,20 @@ def progress(steps, description: str, unit: str):
 
 # --- data: D4RL names and Minari ids, episodes to transitions, scores -------------------------
 D4RL_REF_SCORES = {  # (random, expert) returns of d4rl/infos.py, the same for every locomotion version
-    "hopper": (-20.272305, 3234.3),
-    "halfcheetah": (-280.178953, 12135.0),
-    "walker2d": (1.629008, 4592.3),
-}
+    "hopper": (-20.272305, 3234.3), "halfcheetah": (-280.178953, 12135.0), "walker2d": (1.629008, 4592.3)}
 LEVELS = ("medium", "medium-replay", "medium-expert", "expert", "random")  # D4RL's; make_dataset.py builds each
 MINARI_LEVELS = {"medium": ["medium"], "expert": ["expert"], "medium-expert": ["medium", "expert"]}  # Minari has
 
 
-def how_to_build(env: str, level: str) -> str:
-    """The command that builds baq/<env>/<level>-v0 locally."""
-    if level == "medium-replay":
-        return f"`python benchmark/make_dataset.py --env {env} --medium-replay` (SAC trained again: 30-50 min on a CPU)"
-    return f"`python benchmark/make_dataset.py --env {env} --levels {level} --from-policy` (minutes)"
+def how_to_build(dataset_id: str) -> str:
+    """The command that builds a D4RL level as baq/<env>/<level>-v0 locally, or what to check."""
+    known = re.fullmatch(r"(?:baq|mujoco)/(hopper|halfcheetah|walker2d)/([a-z-]+)-v0", dataset_id)
+    if not known or known[2] not in LEVELS:
+        return f"check the id (case-sensitive; make_dataset.py builds baq/<env>/<level>-v0, <level> in {LEVELS})"
+    (env, level), script = known.groups(), "python benchmark/make_dataset.py --env"
+    how = (f"`{script} {env} --medium-replay` (SAC trained again: 30-50 min on a CPU)" if level == "medium-replay"
+           else f"`{script} {env} --levels {level} --from-policy` (minutes)")
+    return f"build it with {how} and pass --env-id baq/{env}/{level}-v0"
 
 
 def resolve_dataset_ids(env_id: str) -> list:
@@ -436,17 +400,14 @@ def resolve_dataset_ids(env_id: str) -> list:
         return [env_id]
     env, level = d4rl.groups()
     if env_id != env_id.lower() or level not in LEVELS:
-        fail(f"--env-id {env_id!r} is not a D4RL name: write {env}-<level>-v2 in lower case, with <level> one of "
-             f"{', '.join(LEVELS)}.")
+        fail(f"--env-id {env_id!r} is not a D4RL name: write {env}-<level>-v2 in lower case, <level> in {LEVELS}.")
     if level not in MINARI_LEVELS:
-        fail(f"--env-id {env_id!r} has no Minari counterpart to download: build it with {how_to_build(env, level)} "
-             f"and pass --env-id baq/{env}/{level}-v0.")
+        fail(f"--env-id {env_id!r} has no Minari counterpart to download: {how_to_build(f'baq/{env}/{level}-v0')}.")
     return [f"mujoco/{env}/{name}-v0" for name in MINARI_LEVELS[level]]
 
 
 def load_minari_dataset(dataset_id: str, env_id: str):
-    """A Minari dataset, from the local store or downloaded (Minari's own load-or-download), and its
-    transitions. Any failure stops the run with one line; a store folder that was not there is not left."""
+    """A Minari dataset, local or downloaded, and its transitions; a failure leaves no store it created."""
     import minari
 
     store = os.environ.get("MINARI_DATASETS_PATH") or os.path.join(os.path.expanduser("~"), ".minari", "datasets")
@@ -460,35 +421,26 @@ def load_minari_dataset(dataset_id: str, env_id: str):
         local = os.path.isdir(os.path.join(folder, "data"))
         if not had_store:
             shutil.rmtree(store, ignore_errors=True)
-        d4rl = re.fullmatch(r"(?:baq|mujoco)/(hopper|halfcheetah|walker2d)/([a-z-]+)-v0", dataset_id)
-        build = (f"build it with {how_to_build(*d4rl.groups())} and pass --env-id baq/{d4rl[1]}/{d4rl[2]}-v0"
-                 if d4rl and d4rl[2] in LEVELS else
-                 f"check the id (case-sensitive; make_dataset.py builds baq/<env>/<level>-v0 for the levels "
-                 f"{', '.join(LEVELS)})")
         cause = f"its files in {folder} cannot be read" if local else f"it is not in the store {store} nor downloadable"
         fail(f"--env-id {env_id!r} needs the Minari dataset {dataset_id!r}, but {cause} ({type(err).__name__}: "
-             f"{' '.join(str(err).split())[:200]}); {'delete that folder and ' if local else ''}{build}.")
+             f"{' '.join(str(err).split())[:200]}); {'delete that folder and ' if local else ''}"
+             f"{how_to_build(dataset_id)}.")
 
 
 def episodes_to_transitions(episodes) -> dict:
-    """(s, a, r, s', terminal) arrays of Minari episodes. Terminations are terminal; truncations (time limits)
-    are not, so their last transition bootstraps from s'."""
-    parts = {k: [] for k in ("observations", "actions", "rewards", "next_observations", "terminals")}
-    returns = []
+    """(s, a, r, s', terminal) of Minari episodes: a truncation (time limit) is not terminal, it bootstraps from s'."""
+    keys = ("observations", "actions", "rewards", "next_observations", "terminals")
+    parts, returns = {key: [] for key in keys}, []
     for episode in episodes:
-        observations = np.asarray(episode.observations, dtype=np.float32)
-        parts["observations"].append(observations[:-1])
-        parts["next_observations"].append(observations[1:])
-        parts["actions"].append(np.asarray(episode.actions, dtype=np.float32))
-        parts["rewards"].append(np.asarray(episode.rewards, dtype=np.float32))
-        parts["terminals"].append(np.asarray(episode.terminations, dtype=np.float32))
+        obs = np.asarray(episode.observations, dtype=np.float32)
+        for key, value in zip(keys, (obs[:-1], episode.actions, episode.rewards, obs[1:], episode.terminations)):
+            parts[key].append(np.asarray(value, dtype=np.float32))
         returns.append(float(np.sum(episode.rewards)))
-    return {**{k: np.concatenate(v) for k, v in parts.items()}, "episode_returns": np.asarray(returns)}
+    return {**{key: np.concatenate(value) for key, value in parts.items()}, "episode_returns": np.asarray(returns)}
 
 
 def load_offline_data(env_id: str):
-    """Transitions of --env-id, a maker of its environment (`make_env(eval_env=...)`), its reference scores
-    (None when unknown) and its action bound c of the box [-c, c] that the tanh policies need."""
+    """Transitions, an environment maker (`make_env(eval_env=...)`), reference scores (or None), action bound."""
     loaded = [load_minari_dataset(dataset_id, env_id) for dataset_id in resolve_dataset_ids(env_id)]
     first, space = loaded[0][0], loaded[0][0].action_space
     spaces = {(str(d.observation_space), str(d.action_space)) for d, _ in loaded}
@@ -506,8 +458,7 @@ def load_offline_data(env_id: str):
 
 def normalized_score(episode_return, ref_scores):
     """D4RL normalized score: 100 * (R - R_random) / (R_expert - R_random)."""
-    ref_min, ref_max = ref_scores
-    return 100.0 * (np.asarray(episode_return) - ref_min) / (ref_max - ref_min)
+    return 100.0 * (np.asarray(episode_return) - ref_scores[0]) / (ref_scores[1] - ref_scores[0])
 
 
 # --- checkpoints ------------------------------------------------------------------------------
@@ -528,9 +479,8 @@ def load_checkpoint(path: str, flag: str, kind: str, algorithms: tuple, context:
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != "baq-checkpoint-1":
         fail(f"{flag} {path!r} is not a BAQ checkpoint: pass a `{kind}.pt` written by an earlier run.")
     if checkpoint["kind"] != kind or checkpoint["algorithm"] not in algorithms:
-        needed = " or ".join(a.upper() for a in algorithms)
         fail(f"{flag} {path!r} holds a checkpoint of kind {checkpoint['kind']!r} by {checkpoint['algorithm'].upper()}: "
-             f"pass the `{kind}.pt` of an earlier {needed} run.")
+             f"pass the `{kind}.pt` of an earlier {' or '.join(a.upper() for a in algorithms)} run.")
     for key in ("dataset_id", "obs_dim", "act_dim", "hidden_dim"):
         if key in context and checkpoint[key] != context[key]:
             fix = f"pass --hidden-dim {checkpoint[key]}" if key == "hidden_dim" else "pass a checkpoint of this dataset"

@@ -151,9 +151,13 @@ def cpu_name() -> str:
 
 
 def run_key(run: dict) -> str:
-    """One run's name in a cell: its seed and the offline checkpoint it started from (the pretraining run's
-    start time), so that seed 1 run on two machines counts as two runs, and methods pair by checkpoint."""
-    return f"seed{run['seed']} ({run['offline_run'].rsplit('__', 1)[-1]})"
+    """One run's name in a cell: its seed and the offline checkpoint it fine-tuned, named by that checkpoint's own
+    score (else by its pretraining's start time). Pretrainings of one seed on one machine are bit-identical, so the
+    runs of two such checkpoints count once; another machine's checkpoint scores otherwise and counts apart.
+    Methods pair by it."""
+    offline = run.get("offline_eval")
+    checkpoint = f"offline {offline['value']:.8g}" if offline else run["offline_run"].rsplit("__", 1)[-1]
+    return f"seed{run['seed']} ({checkpoint})"
 
 
 def read_records(folder: str, preset: str) -> List[dict]:

@@ -81,10 +81,10 @@ def test_the_algorithm_comes_before_the_plumbing(name):
     """A reader meets Args, the BAQ terms, the algorithm and the loop before one banner, then plumbing."""
     source = (ROOT / name).read_text()
     lines = source.splitlines()
-    order = ["class Args", "def behavior_weight", "def losses", "class ReplayBuffer", "def main", "# PLUMBING",
+    order = ["class Args", "def behavior_weight", "def losses", "class ReplayBuffer", "def main", "# ===== PLUMBING",
              "def fail", "def load_minari_dataset", "def evaluate", "def save_checkpoint"]
     positions = [next(i for i, line in enumerate(lines) if line.lstrip().startswith(marker)) for marker in order]
-    split = order.index("# PLUMBING")
+    split = order.index("# ===== PLUMBING")
     assert positions[:split + 1] == sorted(positions[:split + 1])
     assert all(p > positions[split] for p in positions[split + 1:])
     # right after Args (about 125 lines of documented flags in baq_cql.py), where the old layout had it at 320
