@@ -667,7 +667,8 @@ def how_to_build(dataset_id: str) -> str:
     """The command that builds a D4RL level as baq/<env>/<level>-v0 locally, or what to check."""
     known = re.fullmatch(r"(?:baq|mujoco)/(hopper|halfcheetah|walker2d)/([a-z-]+)-v0", dataset_id)
     if not known or known[2] not in LEVELS:
-        return f"check the id (case-sensitive; make_dataset.py builds baq/<env>/<level>-v0, <level> in {LEVELS})"
+        return (f"check the id (case-sensitive; make_dataset.py builds baq/<env>/<level>-v0, <level> one of "
+                f"{', '.join(LEVELS)})")
     (env, level), script = known.groups(), "python benchmark/make_dataset.py --env"
     how = (f"`{script} {env} --medium-replay` (SAC trained again: 30-50 min on a CPU)" if level == "medium-replay"
            else f"`{script} {env} --levels {level} --from-policy` (minutes)")
@@ -681,7 +682,8 @@ def resolve_dataset_ids(env_id: str) -> list:
         return [env_id]
     env, level = d4rl.groups()
     if env_id != env_id.lower() or level not in LEVELS:
-        fail(f"--env-id {env_id!r} is not a D4RL name: write {env}-<level>-v2 in lower case, <level> in {LEVELS}.")
+        fail(f"--env-id {env_id!r} is not a D4RL name: write {env}-<level>-v2 in lower case, <level> one of "
+             f"{', '.join(LEVELS)}.")
     if level not in MINARI_LEVELS:
         fail(f"--env-id {env_id!r} has no Minari counterpart to download: {how_to_build(f'baq/{env}/{level}-v0')}.")
     return [f"mujoco/{env}/{name}-v0" for name in MINARI_LEVELS[level]]
