@@ -370,7 +370,7 @@ class ReplayBuffer:
 
     def add(self, obs, actions, rewards, next_obs, terminals, weights, priorities):
         n, start = len(rewards), self.size
-        if start + n > self.capacity:
+        if start + n > self.capacity:  # a slice past the end would broadcast the rows away silently
             raise ValueError(f"replay buffer overflow: {start} + {n} > capacity {self.capacity}")
         end = start + n
         for column, value in ((self.observations, obs), (self.actions, actions), (self.rewards, rewards),
@@ -506,27 +506,24 @@ def fail(message: str):
     raise SystemExit(f"error: {message}")
 
 
-FLAG_DOMAINS = {  # the values each numeric flag accepts (NaN and inf never): see check_flags
-    "seed": ("an integer in [0, 2**31)", lambda v: 0 <= v < 2**31),
-    **dict.fromkeys(["threads", "online_steps", "checkpoint_every", "stop_after"],
-                    ("an integer >= 0", lambda v: v >= 0)),
-    **dict.fromkeys(["eval_every", "eval_episodes", "log_every", "critic_updates", "actor_delay", "batch_size",
-                     "hidden_dim"], ("an integer >= 1", lambda v: v >= 1)),
-    "gamma": ("a number in [0, 1)", lambda v: 0 <= v < 1),
-    "tau": ("a number in (0, 1]", lambda v: 0 < v <= 1),
-    **dict.fromkeys(["actor_lr", "critic_lr", "value_lr", "exp_adv_max"], ("a number > 0", lambda v: v > 0)),
-    "expectile": ("a number in (0, 1)", lambda v: 0 < v < 1),
-    "beta": ("a number >= 0", lambda v: v >= 0),
-    "target_entropy": ("a finite number", lambda v: True),
+FLAG_DOMAINS = {  # interval: the numeric flags that must lie in it (NaN and inf never), see check_flags
+    "[0, 2147483648)": ["seed"], "[0, 1)": ["gamma"], "(0, 1]": ["tau"], "(0, 1)": ["expectile"],
+    "[0, inf)": ["threads", "online_steps", "checkpoint_every", "stop_after", "beta"],
+    "[1, inf)": ["eval_every", "eval_episodes", "log_every", "critic_updates", "actor_delay", "batch_size",
+                 "hidden_dim"],
+    "(0, inf)": ["actor_lr", "critic_lr", "value_lr", "exp_adv_max"], "(-inf, inf)": ["target_entropy"],
 }
 
 
 def check_flags(args):
-    """Before anything loads: numeric flags in their domains, a run directory inside a writable --runs-dir."""
-    for name, (domain, accepts) in FLAG_DOMAINS.items():
-        value = getattr(args, name)
-        if value is not None and not (math.isfinite(value) and accepts(value)):
-            fail(f"--{name.replace('_', '-')} {value} is outside its domain: it must be {domain}.")
+    """Before anything loads: numeric flags in their intervals, a run directory inside a writable --runs-dir."""
+    for interval, names in FLAG_DOMAINS.items():
+        low, high = map(float, interval[1:-1].split(","))
+        for name in names:
+            v = getattr(args, name)
+            if v is not None and not (math.isfinite(v) and (low <= v if interval[0] == "[" else low < v)
+                                      and (v < high if interval[-1] == ")" else v <= high)):
+                fail(f"--{name.replace('_', '-')} {v} is outside its domain: it must be in {interval}.")
     if args.exp_name is not None and not re.fullmatch(r"\w[\w.+=-]{0,99}", args.exp_name):
         fail(f"--exp-name {args.exp_name!r} is not a folder name: use up to 100 letters, digits and . _ + = -.")
     folder = os.path.abspath(args.runs_dir) if args.runs_dir else ""
@@ -545,8 +542,6 @@ def seed_and_pick_device(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
-    if args.cuda and device.type == "cpu":
-        print("note: CUDA is not available; running on the CPU.")
     return device
 
 
@@ -625,15 +620,13 @@ MINARI_LEVELS = {"medium": ["medium"], "expert": ["expert"], "medium-expert": ["
 
 
 def how_to_build(dataset_id: str) -> str:
-    """The command that builds a D4RL level as baq/<env>/<level>-v0 locally, or what to check."""
+    """The command that builds a D4RL level locally as baq/<env>/<level>-v0, or what to check."""
     known = re.fullmatch(r"(?:baq|mujoco)/(hopper|halfcheetah|walker2d)/([a-z-]+)-v0", dataset_id)
     if not known or known[2] not in LEVELS:
-        return (f"check the id (case-sensitive; make_dataset.py builds baq/<env>/<level>-v0, <level> one of "
-                f"{', '.join(LEVELS)})")
-    (env, level), script = known.groups(), "python benchmark/make_dataset.py --env"
-    how = (f"`{script} {env} --medium-replay` (SAC trained again: 30-50 min on a CPU)" if level == "medium-replay"
-           else f"`{script} {env} --levels {level} --from-policy` (minutes)")
-    return f"build it with {how} and pass --env-id baq/{env}/{level}-v0"
+        return f"check the id (case-sensitive: baq/<env>/<level>-v0, <level> one of {', '.join(LEVELS)})"
+    env, level = known.groups()
+    how = "--medium-replay" if level == "medium-replay" else f"--levels {level} --from-policy"
+    return f"build it with `python benchmark/make_dataset.py --env {env} {how}` and pass --env-id baq/{env}/{level}-v0"
 
 
 def resolve_dataset_ids(env_id: str) -> list:
