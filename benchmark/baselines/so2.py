@@ -15,7 +15,6 @@
 #   python benchmark/baselines/so2.py --env-id baq/hopper/medium-v0 --offline-checkpoint runs/.../offline.pt
 import contextlib
 import glob
-import hashlib
 import itertools
 import math
 import os
@@ -23,7 +22,6 @@ import random
 import re
 import shutil
 import signal
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, fields
@@ -543,8 +541,7 @@ def seed_and_pick_device(args):
     torch.backends.cudnn.deterministic = args.torch_deterministic
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
-    return device
+    return torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
 
 
 RUN = {}  # the run directory and its TensorBoard writer once they exist: read by stop_on_interrupt
@@ -563,7 +560,7 @@ def open_writer(run_dir: str, args, purge_step: Optional[int] = None):
 
 def start_run(args, description: str, ref_scores):
     """CleanRL's run directory {runs_dir}/{env_id}__{exp_name}__{seed}__{time}, created exclusively (_1, _2, ...
-    when taken), and the hyperparameters with the script's hash and git commit (an edited copy's runs differ)."""
+    when taken), and the hyperparameters table."""
     name = f"{args.env_id.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}"
     os.makedirs(args.runs_dir, exist_ok=True)
     for attempt in itertools.count():
@@ -571,12 +568,9 @@ def start_run(args, description: str, ref_scores):
         with contextlib.suppress(FileExistsError):
             os.mkdir(run_dir)
             break
-    writer, source = open_writer(run_dir, args), os.path.abspath(__file__)
-    git = ["git", "-C", os.path.dirname(source), "rev-parse", "HEAD"]
-    commit = subprocess.run(git, capture_output=True, text=True).stdout.strip() if shutil.which("git") else ""
-    with open(source, "rb") as f:
-        rows = {**vars(args), "script_sha256": hashlib.sha256(f.read()).hexdigest()[:16], "git_commit": commit or "-"}
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in rows.items()))
+    writer = open_writer(run_dir, args)
+    rows = "\n".join(f"|{key}|{value}|" for key, value in vars(args).items())
+    writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{rows}")
     print(f"run {run_dir}: {description}")
     if ref_scores is None:
         print(f"note: {args.env_id} has no reference scores; eval/normalized_score is not logged, only eval/return.")
@@ -688,10 +682,9 @@ def load_offline_data(env_id: str):
     if not (np.allclose(space.low, -space.high) and np.allclose(space.high, space.high[0])):
         fail(f"--env-id {env_id!r}: the tanh policies need a symmetric action box [-c, c], not {space}.")
     data = {key: np.concatenate([part[key] for _, part in loaded]) for key in loaded[0][1]}
-    metadata = first.storage.metadata
-    ref_scores = D4RL_REF_SCORES.get(first.spec.env_spec.id.split("-")[0].lower())
-    if metadata.get("ref_min_score") is not None and metadata.get("ref_max_score") is not None:
-        ref_scores = (float(metadata["ref_min_score"]), float(metadata["ref_max_score"]))
+    ref_scores = [first.storage.metadata.get(f"ref_{end}_score") for end in ("min", "max")]
+    ref_scores = tuple(map(float, ref_scores)) if None not in ref_scores else D4RL_REF_SCORES.get(
+        first.spec.env_spec.id.split("-")[0].lower())
     return data, first.recover_environment, ref_scores, float(space.high[0])
 
 
@@ -729,10 +722,7 @@ def normalized_score(episode_return, ref_scores):
 
 # --- evaluation -------------------------------------------------------------------------------
 def discounted_returns_to_go(rewards, gamma: float):
-    returns = [0.0]
-    for reward in reversed(rewards):
-        returns.append(reward + gamma * returns[-1])
-    return np.asarray(returns[:0:-1])
+    return np.asarray(list(itertools.accumulate(reversed(rewards), lambda g, r: r + gamma * g))[::-1])
 
 
 def evaluate(agent, env, normalize, episodes: int, seed: int, gamma: float, reward_scale: float, device):
