@@ -14,6 +14,7 @@
 # that other scripts also have are identical text in all (tests/test_copies.py). Docs: docs/baq.md
 import contextlib
 import glob
+import hashlib
 import itertools
 import math
 import os
@@ -385,7 +386,8 @@ def main(args: Args):
     # --- data ---------------------------------------------------------------------------------
     data, make_env, ref_scores, max_action = load_offline_data(args.env_id)
     obs_dim, act_dim, n_offline = data["observations"].shape[1], data["actions"].shape[1], len(data["rewards"])
-    context = {"dataset_id": args.env_id, "obs_dim": obs_dim, "act_dim": act_dim, "hidden_dim": args.hidden_dim}
+    context = {"dataset_id": args.env_id, "data_sha1": data_sha1(data), "obs_dim": obs_dim, "act_dim": act_dim,
+               "hidden_dim": args.hidden_dim}
     offline_checkpoint = args.offline_checkpoint and load_checkpoint(
         args.offline_checkpoint, "--offline-checkpoint", "offline", (ALGORITHM,), context)
     bc_checkpoint = args.bc_checkpoint and load_checkpoint(
@@ -709,6 +711,14 @@ def episodes_to_transitions(episodes) -> dict:
     return {**{key: np.concatenate(value) for key, value in parts.items()}, "episode_returns": np.asarray(returns)}
 
 
+def data_sha1(data: dict) -> str:
+    """The transitions' fingerprint: a checkpoint made on other data under the same name is refused."""
+    digest = hashlib.sha1()
+    for key in ("observations", "actions", "rewards", "next_observations", "terminals"):
+        digest.update(np.ascontiguousarray(data[key]))
+    return digest.hexdigest()
+
+
 def load_offline_data(env_id: str):
     """Transitions, an environment maker (`make_env(eval_env=...)`), reference scores (or None), action bound."""
     loaded = [load_minari_dataset(dataset_id, env_id) for dataset_id in resolve_dataset_ids(env_id)]
@@ -800,7 +810,7 @@ def save_checkpoint(path: str, kind: str, algorithm: str, state_dict: dict, cont
 
 
 def load_checkpoint(path: str, flag: str, kind: str, algorithms: tuple, context: dict) -> dict:
-    """The checkpoint given to `flag`, checked against this run (kind, algorithm, dataset, sizes)."""
+    """The checkpoint given to `flag`, checked against this run (kind, algorithm, data, sizes)."""
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
@@ -810,10 +820,11 @@ def load_checkpoint(path: str, flag: str, kind: str, algorithms: tuple, context:
     if checkpoint["kind"] != kind or checkpoint["algorithm"] not in algorithms:
         fail(f"{flag} {path!r} holds a checkpoint of kind {checkpoint['kind']!r} by {checkpoint['algorithm'].upper()}: "
              f"pass the `{kind}.pt` of an earlier {' or '.join(a.upper() for a in algorithms)} run.")
-    for key in ("dataset_id", "obs_dim", "act_dim", "hidden_dim"):
-        if key in context and checkpoint[key] != context[key]:
-            fix = f"pass --hidden-dim {checkpoint[key]}" if key == "hidden_dim" else "pass a checkpoint of this dataset"
-            fail(f"{flag} {path!r} was made for {key} {checkpoint[key]!r}, this run has {context[key]!r}: {fix}, "
+    for key in ("dataset_id", "data_sha1", "obs_dim", "act_dim", "hidden_dim"):
+        if key in context and checkpoint.get(key) != context[key]:
+            fix = {"hidden_dim": f"pass --hidden-dim {checkpoint[key]}", "data_sha1": "the dataset was rebuilt or "
+                   "changed since: pass a checkpoint trained on it"}.get(key, "pass a checkpoint of this dataset")
+            fail(f"{flag} {path!r} was made for {key} {checkpoint.get(key)!r}, this run has {context[key]!r}: {fix}, "
                  f"or drop {flag} to train it here.")
     return checkpoint
 

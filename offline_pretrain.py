@@ -8,6 +8,7 @@
 import contextlib
 import ctypes
 import glob
+import hashlib
 import itertools
 import math
 import os
@@ -468,7 +469,8 @@ def main(args: Args):
     # --- data (as the fine-tuning scripts load it) --------------------------------------------
     data, make_env, ref_scores, max_action = load_offline_data(args.env_id)
     obs_dim, act_dim, n_offline = data["observations"].shape[1], data["actions"].shape[1], len(data["rewards"])
-    context = {"dataset_id": args.env_id, "obs_dim": obs_dim, "act_dim": act_dim, "hidden_dim": args.hidden_dim}
+    context = {"dataset_id": args.env_id, "data_sha1": data_sha1(data), "obs_dim": obs_dim, "act_dim": act_dim,
+               "hidden_dim": args.hidden_dim}
     obs_mean, obs_std, reward_scale = data_statistics(data, args, resume, None)
     context.update(obs_mean=torch.as_tensor(obs_mean), obs_std=torch.as_tensor(obs_std), reward_scale=reward_scale)
 
@@ -482,8 +484,7 @@ def main(args: Args):
     del data
 
     if resume:
-        start_step, run_dir, writer = continue_run(args, resume, (obs_dim, act_dim, n_offline),
-                                                   args.offline_steps, "update")
+        start_step, run_dir, writer = continue_run(args, resume, context, args.offline_steps, "update")
     else:
         start_step, (run_dir, writer) = 0, start_run(args, f"{args.algo.upper()} on {n_offline} offline transitions, "
                                                            f"obs {obs_dim}, actions {act_dim}, reward scale "
@@ -508,7 +509,7 @@ def main(args: Args):
     def save_resumable(step: int):
         save_checkpoint(os.path.join(run_dir, "resume.pt"), "resume", args.algo,
                         {"agent": agent.state_dict(), "optimizer": agent.optimizer.state_dict()}, context, args,
-                        step=step, transitions=n_offline, metric_sum=metric_sum.cpu(),
+                        step=step, metric_sum=metric_sum.cpu(),
                         rng=random_state(buffer, device))
 
     steps = progress(range(start_step + 1, args.offline_steps + 1), f"offline {args.algo.upper()}", "update")
@@ -725,6 +726,14 @@ def episodes_to_transitions(episodes) -> dict:
     return {**{key: np.concatenate(value) for key, value in parts.items()}, "episode_returns": np.asarray(returns)}
 
 
+def data_sha1(data: dict) -> str:
+    """The transitions' fingerprint: a checkpoint made on other data under the same name is refused."""
+    digest = hashlib.sha1()
+    for key in ("observations", "actions", "rewards", "next_observations", "terminals"):
+        digest.update(np.ascontiguousarray(data[key]))
+    return digest.hexdigest()
+
+
 def load_offline_data(env_id: str):
     """Transitions, an environment maker (`make_env(eval_env=...)`), reference scores (or None), action bound."""
     loaded = [load_minari_dataset(dataset_id, env_id) for dataset_id in resolve_dataset_ids(env_id)]
@@ -816,7 +825,7 @@ def save_checkpoint(path: str, kind: str, algorithm: str, state_dict: dict, cont
 
 
 def load_checkpoint(path: str, flag: str, kind: str, algorithms: tuple, context: dict) -> dict:
-    """The checkpoint given to `flag`, checked against this run (kind, algorithm, dataset, sizes)."""
+    """The checkpoint given to `flag`, checked against this run (kind, algorithm, data, sizes)."""
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
@@ -826,10 +835,11 @@ def load_checkpoint(path: str, flag: str, kind: str, algorithms: tuple, context:
     if checkpoint["kind"] != kind or checkpoint["algorithm"] not in algorithms:
         fail(f"{flag} {path!r} holds a checkpoint of kind {checkpoint['kind']!r} by {checkpoint['algorithm'].upper()}: "
              f"pass the `{kind}.pt` of an earlier {' or '.join(a.upper() for a in algorithms)} run.")
-    for key in ("dataset_id", "obs_dim", "act_dim", "hidden_dim"):
-        if key in context and checkpoint[key] != context[key]:
-            fix = f"pass --hidden-dim {checkpoint[key]}" if key == "hidden_dim" else "pass a checkpoint of this dataset"
-            fail(f"{flag} {path!r} was made for {key} {checkpoint[key]!r}, this run has {context[key]!r}: {fix}, "
+    for key in ("dataset_id", "data_sha1", "obs_dim", "act_dim", "hidden_dim"):
+        if key in context and checkpoint.get(key) != context[key]:
+            fix = {"hidden_dim": f"pass --hidden-dim {checkpoint[key]}", "data_sha1": "the dataset was rebuilt or "
+                   "changed since: pass a checkpoint trained on it"}.get(key, "pass a checkpoint of this dataset")
+            fail(f"{flag} {path!r} was made for {key} {checkpoint.get(key)!r}, this run has {context[key]!r}: {fix}, "
                  f"or drop {flag} to train it here.")
     return checkpoint
 
@@ -854,12 +864,12 @@ def resumed_args(args, args_class, method: Optional[str]):
     return resume, args_class(**{**saved, **{name: getattr(args, name) for name in kept}})
 
 
-def continue_run(args, resume: dict, sizes: tuple, total: int, unit: str):
+def continue_run(args, resume: dict, context: dict, total: int, unit: str):
     """The step, run directory and TensorBoard writer of a resumed run. What the interrupted run logged
     after its resume.pt was written is dropped, so every step is logged once."""
-    if (resume["obs_dim"], resume["act_dim"], resume["transitions"]) != sizes:
-        fail(f"--resume {args.resume!r} was made on {resume['transitions']} transitions of {resume['dataset_id']}, "
-             f"which now has {sizes[2]}: the dataset changed, so the run cannot continue exactly. Start a new run.")
+    if resume.get("data_sha1") != context["data_sha1"]:
+        fail(f"--resume {args.resume!r} was made on other transitions of {resume['dataset_id']} than it now holds: "
+             f"the dataset was rebuilt or changed, so the run cannot continue exactly. Start a new run.")
     run_dir = os.path.dirname(os.path.abspath(args.resume))
     writer = open_writer(run_dir, args, purge_step=resume["step"] + 1)
     print(f"resuming {run_dir} at {unit} {resume['step']} of {total}")

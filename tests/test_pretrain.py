@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import read_scalars
+from conftest import TINY_FLAGS, build_dataset, read_scalars
 
 OFFLINE_FLAGS = ["--offline-steps", "60", "--offline-eval-every", "30", "--eval-episodes", "2", "--log-every", "20",
                  "--batch-size", "32", "--hidden-dim", "32", "--no-cuda", "--no-compile"]
@@ -69,6 +69,25 @@ def test_resume_continues_exactly(pretrained, run_script, tmp_path):
     whole, split = read_scalars(run_dir), read_scalars(split_dir)
     for tag in ("offline/losses/q_loss", "offline/eval/return"):
         assert whole[tag] == split[tag], tag  # logged once per step, across the interruption too
+
+
+def test_checkpoints_of_a_rebuilt_dataset_are_refused(pretrained, run_script, tmp_path, monkeypatch):
+    """The same name and size, other transitions (a dataset rebuilt on another machine): --resume cannot continue
+    exactly, and an offline.pt or bc.pt trained on the old data is refused, not applied to the new."""
+    algo, run_dir, fine_tuning_dir = pretrained
+    stopped, split_dir = run_script("offline_pretrain.py", tmp_path / "runs", "--algo", algo, *OFFLINE_FLAGS,
+                                    "--stop-after", "25", tiny=False)
+    assert stopped.returncode == 0, stopped.stderr
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "rebuilt"))
+    build_dataset("baq/hopper/tiny-v0", "Hopper-v5", 3000, seed=5, ref_scores=(-20.272305, 3234.3))
+    for script, flags, words in [
+            ("offline_pretrain.py", ["--resume", str(split_dir / "resume.pt")], "cannot continue exactly"),
+            (f"baq_{algo}.py", ["--offline-checkpoint", str(run_dir / "offline.pt"), *TINY_FLAGS], "rebuilt or changed"),
+            (f"baq_{algo}.py", ["--bc-checkpoint", str(fine_tuning_dir / "bc.pt"), *TINY_FLAGS], "rebuilt or changed")]:
+        result, new_dir = run_script(script, tmp_path / "new", *flags, tiny=False, store=tmp_path / "rebuilt")
+        assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr
+        assert words in result.stderr and result.stderr.strip().count("\n") == 0, result.stderr
+        assert new_dir is None
 
 
 def test_bc_pretrain_is_the_fine_tuning_scripts_bc_phase(pretrained, run_script, tmp_path):

@@ -15,6 +15,7 @@
 #   python benchmark/baselines/so2.py --env-id baq/hopper/medium-v0 --offline-checkpoint runs/.../offline.pt
 import contextlib
 import glob
+import hashlib
 import itertools
 import math
 import os
@@ -404,7 +405,8 @@ def main(args: Args):
     device = seed_and_pick_device(args)
     data, make_env, ref_scores, max_action = load_offline_data(args.env_id)
     obs_dim, act_dim, n_offline = data["observations"].shape[1], data["actions"].shape[1], len(data["rewards"])
-    context = {"dataset_id": args.env_id, "obs_dim": obs_dim, "act_dim": act_dim, "hidden_dim": args.hidden_dim}
+    context = {"dataset_id": args.env_id, "data_sha1": data_sha1(data), "obs_dim": obs_dim, "act_dim": act_dim,
+               "hidden_dim": args.hidden_dim}
     checkpoint = resume or load_checkpoint(args.offline_checkpoint, "--offline-checkpoint", "offline",
                                            (args.algo,) if args.algo else ("iql", "cql"), context)
     args.algo = checkpoint["algorithm"]
@@ -422,8 +424,7 @@ def main(args: Args):
                normalize(data["next_observations"]), data["terminals"], ones, ones)
     del data
     if resume:
-        sizes = (obs_dim, act_dim, n_offline)
-        start_step, run_dir, writer = continue_run(args, resume, sizes, args.online_steps, "online step")
+        start_step, run_dir, writer = continue_run(args, resume, context, args.online_steps, "online step")
     else:
         start_step, (run_dir, writer) = 0, start_run(args, f"{METHOD.upper()} on {args.algo.upper()} from "
                                                            f"{args.offline_checkpoint}, {n_offline} offline "
@@ -672,6 +673,14 @@ def episodes_to_transitions(episodes) -> dict:
     return {**{key: np.concatenate(value) for key, value in parts.items()}, "episode_returns": np.asarray(returns)}
 
 
+def data_sha1(data: dict) -> str:
+    """The transitions' fingerprint: a checkpoint made on other data under the same name is refused."""
+    digest = hashlib.sha1()
+    for key in ("observations", "actions", "rewards", "next_observations", "terminals"):
+        digest.update(np.ascontiguousarray(data[key]))
+    return digest.hexdigest()
+
+
 def load_offline_data(env_id: str):
     """Transitions, an environment maker (`make_env(eval_env=...)`), reference scores (or None), action bound."""
     loaded = [load_minari_dataset(dataset_id, env_id) for dataset_id in resolve_dataset_ids(env_id)]
@@ -763,7 +772,7 @@ def save_checkpoint(path: str, kind: str, algorithm: str, state_dict: dict, cont
 
 
 def load_checkpoint(path: str, flag: str, kind: str, algorithms: tuple, context: dict) -> dict:
-    """The checkpoint given to `flag`, checked against this run (kind, algorithm, dataset, sizes)."""
+    """The checkpoint given to `flag`, checked against this run (kind, algorithm, data, sizes)."""
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
@@ -773,10 +782,11 @@ def load_checkpoint(path: str, flag: str, kind: str, algorithms: tuple, context:
     if checkpoint["kind"] != kind or checkpoint["algorithm"] not in algorithms:
         fail(f"{flag} {path!r} holds a checkpoint of kind {checkpoint['kind']!r} by {checkpoint['algorithm'].upper()}: "
              f"pass the `{kind}.pt` of an earlier {' or '.join(a.upper() for a in algorithms)} run.")
-    for key in ("dataset_id", "obs_dim", "act_dim", "hidden_dim"):
-        if key in context and checkpoint[key] != context[key]:
-            fix = f"pass --hidden-dim {checkpoint[key]}" if key == "hidden_dim" else "pass a checkpoint of this dataset"
-            fail(f"{flag} {path!r} was made for {key} {checkpoint[key]!r}, this run has {context[key]!r}: {fix}, "
+    for key in ("dataset_id", "data_sha1", "obs_dim", "act_dim", "hidden_dim"):
+        if key in context and checkpoint.get(key) != context[key]:
+            fix = {"hidden_dim": f"pass --hidden-dim {checkpoint[key]}", "data_sha1": "the dataset was rebuilt or "
+                   "changed since: pass a checkpoint trained on it"}.get(key, "pass a checkpoint of this dataset")
+            fail(f"{flag} {path!r} was made for {key} {checkpoint.get(key)!r}, this run has {context[key]!r}: {fix}, "
                  f"or drop {flag} to train it here.")
     return checkpoint
 
@@ -801,12 +811,12 @@ def resumed_args(args, args_class, method: Optional[str]):
     return resume, args_class(**{**saved, **{name: getattr(args, name) for name in kept}})
 
 
-def continue_run(args, resume: dict, sizes: tuple, total: int, unit: str):
+def continue_run(args, resume: dict, context: dict, total: int, unit: str):
     """The step, run directory and TensorBoard writer of a resumed run. What the interrupted run logged
     after its resume.pt was written is dropped, so every step is logged once."""
-    if (resume["obs_dim"], resume["act_dim"], resume["transitions"]) != sizes:
-        fail(f"--resume {args.resume!r} was made on {resume['transitions']} transitions of {resume['dataset_id']}, "
-             f"which now has {sizes[2]}: the dataset changed, so the run cannot continue exactly. Start a new run.")
+    if resume.get("data_sha1") != context["data_sha1"]:
+        fail(f"--resume {args.resume!r} was made on other transitions of {resume['dataset_id']} than it now holds: "
+             f"the dataset was rebuilt or changed, so the run cannot continue exactly. Start a new run.")
     run_dir = os.path.dirname(os.path.abspath(args.resume))
     writer = open_writer(run_dir, args, purge_step=resume["step"] + 1)
     print(f"resuming {run_dir} at {unit} {resume['step']} of {total}")
@@ -855,7 +865,7 @@ def save_online_phase(run_dir: str, agent, buffer, n_offline: int, env_random_st
     online = {name: getattr(buffer, name)[n_offline:buffer.size].clone().cpu() for name in ONLINE_COLUMNS}
     save_checkpoint(os.path.join(run_dir, "resume.pt"), "resume", args.algo,
                     {"agent": agent.state_dict(), "optimizer": agent.optimizer.state_dict()}, context, args,
-                    method=METHOD, step=step, transitions=n_offline, online_transitions=online,
+                    method=METHOD, step=step, online_transitions=online,
                     critic_sum=critic_sum.cpu(), actor_sum=actor_sum.cpu(), counts=dict(counts),
                     rng=random_state(buffer, critic_sum.device), env_random_state=env_random_state)
 
