@@ -52,20 +52,17 @@ class Args:
     track: bool = False  # log to Weights & Biases (TensorBoard synced)
     wandb_project_name: str = "baq"  # the W&B project
     wandb_entity: Optional[str] = None  # the W&B entity (team)
-
     # phases
     offline_steps: int = 1_000_000  # offline gradient updates (skipped with --offline-checkpoint)
     bc_steps: int = 100_000  # gradient updates of pi_BC (skipped with --bc-checkpoint)
     online_steps: int = 30_000  # online environment steps, one gradient update each
     offline_checkpoint: Optional[str] = None  # an `offline.pt`: skips pretraining; fixes --reward-scale, --obs-norm-eps
     bc_checkpoint: Optional[str] = None  # a `bc.pt` of this dataset: skips behavior cloning
-
     # evaluation and logging
     eval_every: int = 5_000  # evaluate every this many online steps (and at step 0)
     offline_eval_every: int = 100_000  # evaluate every this many offline updates (0: at the end only)
     eval_episodes: int = 10  # deterministic episodes per evaluation
     log_every: int = 1_000  # log the averaged losses and BAQ statistics every this many updates
-
     # shared hyperparameters
     batch_size: int = 256  # batch size of every gradient update
     gamma: float = 0.99  # discount factor
@@ -74,7 +71,6 @@ class Args:
     obs_norm_eps: float = 1e-3  # added to the dataset's observation std
     reward_scale: Optional[float] = 1.0  # multiplies every reward (CORL's CQL: 1); None: 1000 / (max - min return)
     bc_lr: float = 3e-4  # learning rate of pi_BC
-
     # CQL
     actor_lr: float = 3e-5  # actor learning rate (also the entropy temperature's)
     critic_lr: float = 3e-4  # twin Q learning rate
@@ -83,7 +79,6 @@ class Args:
     cql_n_actions: int = 10  # sampled actions per state in each of the penalty's three action sets
     cql_temperature: float = 1.0  # temperature of the penalty's log-sum-exp
     target_entropy: Optional[float] = None  # entropy target of the temperature tuning; default: -|A|
-
     # BAQ
     weighted_loss: bool = True  # weight the Bellman term of the critic loss by w(s,a) (Eqs. 6, 7); alone: Our-Q
     priority_sampling: bool = True  # sample transitions proportionally to rho (Eq. 10); alone: Our-S
@@ -92,7 +87,6 @@ class Args:
     krho: Optional[float] = None  # k_rho of Eq. 10; default: the offline mean of ||pi_BC(s)-a||
     priority_alpha: float = 1.0  # alpha of Eq. 10 (0: uniform sampling)
     offline_priorities: bool = False  # Eq. 10 for offline data too ("each transition"); default: "a new transition"
-
     # the adaptive behavior constraint of the later paper (off: the paper's Table 1 method)
     behavior_constraint: bool = False  # add lambda_t E_s[u(s) mean((pi(s) - pi_BC(s))^2)] to the actor loss online
     constraint_coef: float = 30.0  # lambda_0, the constraint's weight when fine-tuning starts
@@ -145,7 +139,7 @@ def train_bc(observations, actions, max_action: float, args: Args, writer):
     bc_policy = GaussianPolicy(observations.shape[1], actions.shape[1], args.hidden_dim, max_action).to(device)
     optimizer = torch.optim.Adam(bc_policy.parameters(), lr=args.bc_lr)
     loss_sum, start = torch.zeros((), device=device), time.time()
-    for step in progress(range(1, args.bc_steps + 1), "pi_BC (Eq. 2)", "update"):
+    for step in tqdm(range(1, args.bc_steps + 1), "pi_BC (Eq. 2)", unit="update", mininterval=10):
         idx = torch.randint(0, len(observations), (args.batch_size,), device=device, generator=generator)
         loss = -bc_policy.log_prob(observations[idx], actions[idx]).mean()  # Eq. 2
         optimizer.zero_grad(set_to_none=True)
@@ -467,7 +461,7 @@ def main(args: Args):
                normalize(data["next_observations"]), data["terminals"], ones, ones)
     del data
     run_dir, writer = start_run(args, f"{n_offline} offline transitions, obs {obs_dim}, actions {act_dim}, "
-                                      f"reward scale {reward_scale:.4g}, device {device}", ref_scores)
+                                      f"reward scale {reward_scale:.4g}, device {device}")
     agent = Agent(obs_dim, act_dim, max_action, args).to(device)
     eval_env = make_env(eval_env=True)
     eval_env.action_space.seed(args.seed)
@@ -487,7 +481,8 @@ def main(args: Args):
     else:
         metric_sum, start = torch.zeros(len(Agent.METRICS), device=device), time.time()
         unit_weights = torch.ones(args.batch_size, device=device)  # offline, w = 1: plain CQL
-        for step in progress(range(1, args.offline_steps + 1), f"offline {ALGORITHM.upper()}", "update"):
+        for step in tqdm(range(1, args.offline_steps + 1), f"offline {ALGORITHM.upper()}", unit="update",
+                         mininterval=10):
             metric_sum += agent.update(buffer.sample(args.batch_size)[1], unit_weights)
             if step % args.log_every == 0 or step == args.offline_steps:
                 count = step % args.log_every or args.log_every
@@ -549,7 +544,7 @@ def main(args: Args):
     loss_tags = [f"losses/{name}" for name in Agent.METRICS]
     loss_tags += ["baq/constraint_loss", "baq/uncertainty_mean"] if args.behavior_constraint else []
     metric_sum, start = None, time.time()
-    for step in progress(range(args.online_steps), f"online {args.exp_name}", "step"):
+    for step in tqdm(range(args.online_steps), f"online {args.exp_name}", unit="step", mininterval=10):
         if step % args.eval_every == 0:
             run_evaluation("", step)
         state = torch.as_tensor(normalize(obs), dtype=torch.float32, device=device)[None]
@@ -671,7 +666,7 @@ def open_writer(run_dir: str, args, purge_step: Optional[int] = None):
     return RUN["writer"]
 
 
-def start_run(args, description: str, ref_scores):
+def start_run(args, description: str):
     """CleanRL's run directory {runs_dir}/{env_id}__{exp_name}__{seed}__{time}, created exclusively (_1, _2, ...
     when taken), and the hyperparameters table."""
     name = f"{args.env_id.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}"
@@ -685,8 +680,6 @@ def start_run(args, description: str, ref_scores):
     rows = "\n".join(f"|{key}|{value}|" for key, value in vars(args).items())
     writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{rows}")
     print(f"run {run_dir}: {description}")
-    if ref_scores is None:
-        print(f"note: {args.env_id} has no reference scores; eval/normalized_score is not logged, only eval/return.")
     return run_dir, writer
 
 
@@ -707,11 +700,6 @@ def stop_on_interrupt():
     raise SystemExit(130)
 
 
-def progress(steps, description: str, unit: str):
-    """Steps with a progress bar (rate and time left) on stderr, redrawn at most every 10 s."""
-    return tqdm(steps, desc=description, unit=unit, mininterval=10, smoothing=0.1, dynamic_ncols=True)
-
-
 def log_metrics(writer, prefix: str, names, metric_sum, count: int, step: int):
     """The metrics averaged since the last log (read from the device once); a non-finite one stops the run."""
     for name, value in zip(names, (metric_sum / count).tolist()):
@@ -725,32 +713,28 @@ def log_metrics(writer, prefix: str, names, metric_sum, count: int, step: int):
 # --- data: D4RL names and Minari ids, episodes to transitions, scores -------------------------
 D4RL_REF_SCORES = {  # (random, expert) returns of d4rl/infos.py, the same for every locomotion version
     "hopper": (-20.272305, 3234.3), "halfcheetah": (-280.178953, 12135.0), "walker2d": (1.629008, 4592.3)}
-LEVELS = ("medium", "medium-replay", "medium-expert", "expert", "random")  # D4RL's; make_dataset.py builds each
-MINARI_LEVELS = {"medium": ["medium"], "expert": ["expert"], "medium-expert": ["medium", "expert"]}  # Minari has
+D4RL_LEVELS = "medium|medium-replay|medium-expert|expert|random"  # D4RL's levels; make_dataset.py builds each
+MINARI_IDS = {"medium": ["medium"], "expert": ["expert"], "medium-expert": ["medium", "expert"]}  # Minari has these
 
 
 def how_to_build(dataset_id: str) -> str:
     """The command that builds a D4RL level locally as baq/<env>/<level>-v0, or what to check."""
-    known = re.fullmatch(r"(?:baq|mujoco)/(hopper|halfcheetah|walker2d)/([a-z-]+)-v0", dataset_id)
-    if not known or known[2] not in LEVELS:
-        return f"check the id (case-sensitive: baq/<env>/<level>-v0, <level> one of {', '.join(LEVELS)})"
-    env, level = known.groups()
-    how = "--medium-replay" if level == "medium-replay" else f"--levels {level} --from-policy"
-    return f"build it with `python benchmark/make_dataset.py --env {env} {how}` and pass --env-id baq/{env}/{level}-v0"
+    known = re.fullmatch(rf"(?:baq|mujoco)/(hopper|halfcheetah|walker2d)/({D4RL_LEVELS})-v0", dataset_id)
+    if not known:
+        return f"check the id (case-sensitive: baq/<env>/<level>-v0, <level> one of {D4RL_LEVELS.replace('|', ', ')})"
+    how = "--medium-replay" if known[2] == "medium-replay" else f"--levels {known[2]} --from-policy"
+    return f"build it with `python benchmark/make_dataset.py --env {known[1]} {how}` (baq/{known[1]}/{known[2]}-v0)"
 
 
 def resolve_dataset_ids(env_id: str) -> list:
     """The Minari ids that --env-id stands for: a D4RL name maps to Minari's official data, else it is an id."""
     d4rl = re.fullmatch(r"(hopper|halfcheetah|walker2d)-([a-z-]+)-v2", env_id.lower())
-    if not d4rl:
-        return [env_id]
-    env, level = d4rl.groups()
-    if env_id != env_id.lower() or level not in LEVELS:
-        fail(f"--env-id {env_id!r} is not a D4RL name: write {env}-<level>-v2 in lower case, <level> one of "
-             f"{', '.join(LEVELS)}.")
-    if level not in MINARI_LEVELS:
-        fail(f"--env-id {env_id!r} has no Minari counterpart to download: {how_to_build(f'baq/{env}/{level}-v0')}.")
-    return [f"mujoco/{env}/{name}-v0" for name in MINARI_LEVELS[level]]
+    if d4rl and (env_id != env_id.lower() or d4rl[2] not in D4RL_LEVELS.split("|")):
+        fail(f"--env-id {env_id!r} is not a D4RL name: write {d4rl[1]}-<level>-v2 in lower case, <level> one of "
+             f"{D4RL_LEVELS.replace('|', ', ')}.")
+    if d4rl and d4rl[2] not in MINARI_IDS:
+        fail(f"--env-id {env_id!r} has no Minari counterpart: {how_to_build(f'baq/{d4rl[1]}/{d4rl[2]}-v0')}.")
+    return [f"mujoco/{d4rl[1]}/{level}-v0" for level in MINARI_IDS[d4rl[2]]] if d4rl else [env_id]
 
 
 def load_minari_dataset(dataset_id: str, env_id: str):
@@ -758,9 +742,7 @@ def load_minari_dataset(dataset_id: str, env_id: str):
     import minari
 
     store = os.environ.get("MINARI_DATASETS_PATH") or os.path.join(os.path.expanduser("~"), ".minari", "datasets")
-    if os.path.exists(store) and not os.path.isdir(store):
-        fail(f"MINARI_DATASETS_PATH {store!r} is a file: point it at a folder (the Minari store).")
-    had_store, folder = os.path.isdir(store), os.path.join(store, dataset_id)
+    had_store, folder = os.path.exists(store), os.path.join(store, dataset_id)
     try:
         dataset = minari.load_dataset(dataset_id, download=True)
         return dataset, episodes_to_transitions(dataset.iterate_episodes())  # reads every file: a cut one fails here
@@ -814,18 +796,17 @@ def data_statistics(data: dict, args, offline_checkpoint, bc_checkpoint):
     """Observation mean and std and the reward scale: an offline checkpoint's (a flag asking for others is
     refused), else the dataset's; a BC checkpoint must agree. The used reward scale goes into args' records."""
     if offline_checkpoint:
-        fixed = {"--reward-scale": offline_checkpoint["reward_scale"],
-                 "--obs-norm-eps": offline_checkpoint["args"].get("obs_norm_eps")}
-        for flag, value in fixed.items():
-            given = getattr(args, flag[2:].replace("-", "_"), None)  # the baselines have no such flags
+        fixed = {"reward_scale": offline_checkpoint["reward_scale"], "obs_norm_eps": offline_checkpoint["args"].get(
+            "obs_norm_eps")}
+        for name, value in fixed.items():
+            given, flag = getattr(args, name, None), f"--{name.replace('_', '-')}"  # the baselines lack these flags
             if given not in (None, value):
                 fail(f"{flag} {given} differs from the offline checkpoint's {value}, which fixes it: pass {flag} "
                      f"{value}, or a checkpoint trained with {given}.")
         obs_mean, obs_std = offline_checkpoint["obs_mean"].numpy(), offline_checkpoint["obs_std"].numpy()
         reward_scale = offline_checkpoint["reward_scale"]
     else:
-        obs_mean = data["observations"].mean(0)
-        obs_std = data["observations"].std(0) + args.obs_norm_eps
+        obs_mean, obs_std = data["observations"].mean(0), data["observations"].std(0) + args.obs_norm_eps
         return_range = np.ptp(data["episode_returns"])
         reward_scale = float(args.reward_scale or (1000.0 / return_range if return_range > 0 else 1.0))
     if bc_checkpoint and not all(np.allclose(bc_checkpoint[f"obs_{name}"].numpy(), ours, atol=1e-5)

@@ -72,7 +72,7 @@ def train_bc(observations, actions, max_action: float, args: Args, writer):
     bc_policy = GaussianPolicy(observations.shape[1], actions.shape[1], args.hidden_dim, max_action).to(device)
     optimizer = torch.optim.Adam(bc_policy.parameters(), lr=args.bc_lr)
     loss_sum, start = torch.zeros((), device=device), time.time()
-    for step in progress(range(1, args.bc_steps + 1), "pi_BC (Eq. 2)", "update"):
+    for step in tqdm(range(1, args.bc_steps + 1), "pi_BC (Eq. 2)", unit="update", mininterval=10):
         idx = torch.randint(0, len(observations), (args.batch_size,), device=device, generator=generator)
         loss = -bc_policy.log_prob(observations[idx], actions[idx]).mean()  # Eq. 2
         optimizer.zero_grad(set_to_none=True)
@@ -233,7 +233,7 @@ def main(args: Args):
     observations = torch.as_tensor(normalize(data["observations"]), dtype=torch.float32, device=device)
     actions = torch.as_tensor(data["actions"], device=device)
     run_dir, writer = start_run(args, f"{n_offline} offline transitions, obs {obs_dim}, actions {act_dim}, "
-                                      f"device {device}", ref_scores)
+                                      f"device {device}")
 
     # --- pi_BC (Eq. 2), exactly as the fine-tuning scripts train it -----------------------------
     bc_policy = train_bc(observations, actions, max_action, args, writer)
@@ -328,7 +328,7 @@ def open_writer(run_dir: str, args, purge_step: Optional[int] = None):
     return RUN["writer"]
 
 
-def start_run(args, description: str, ref_scores):
+def start_run(args, description: str):
     """CleanRL's run directory {runs_dir}/{env_id}__{exp_name}__{seed}__{time}, created exclusively (_1, _2, ...
     when taken), and the hyperparameters table."""
     name = f"{args.env_id.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}"
@@ -342,8 +342,6 @@ def start_run(args, description: str, ref_scores):
     rows = "\n".join(f"|{key}|{value}|" for key, value in vars(args).items())
     writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{rows}")
     print(f"run {run_dir}: {description}")
-    if ref_scores is None:
-        print(f"note: {args.env_id} has no reference scores; eval/normalized_score is not logged, only eval/return.")
     return run_dir, writer
 
 
@@ -361,40 +359,31 @@ def stop_on_interrupt():
     raise SystemExit(130)
 
 
-def progress(steps, description: str, unit: str):
-    """Steps with a progress bar (rate and time left) on stderr, redrawn at most every 10 s."""
-    return tqdm(steps, desc=description, unit=unit, mininterval=10, smoothing=0.1, dynamic_ncols=True)
-
-
 # --- data: D4RL names and Minari ids, episodes to transitions, scores -------------------------
 D4RL_REF_SCORES = {  # (random, expert) returns of d4rl/infos.py, the same for every locomotion version
     "hopper": (-20.272305, 3234.3), "halfcheetah": (-280.178953, 12135.0), "walker2d": (1.629008, 4592.3)}
-LEVELS = ("medium", "medium-replay", "medium-expert", "expert", "random")  # D4RL's; make_dataset.py builds each
-MINARI_LEVELS = {"medium": ["medium"], "expert": ["expert"], "medium-expert": ["medium", "expert"]}  # Minari has
+D4RL_LEVELS = "medium|medium-replay|medium-expert|expert|random"  # D4RL's levels; make_dataset.py builds each
+MINARI_IDS = {"medium": ["medium"], "expert": ["expert"], "medium-expert": ["medium", "expert"]}  # Minari has these
 
 
 def how_to_build(dataset_id: str) -> str:
     """The command that builds a D4RL level locally as baq/<env>/<level>-v0, or what to check."""
-    known = re.fullmatch(r"(?:baq|mujoco)/(hopper|halfcheetah|walker2d)/([a-z-]+)-v0", dataset_id)
-    if not known or known[2] not in LEVELS:
-        return f"check the id (case-sensitive: baq/<env>/<level>-v0, <level> one of {', '.join(LEVELS)})"
-    env, level = known.groups()
-    how = "--medium-replay" if level == "medium-replay" else f"--levels {level} --from-policy"
-    return f"build it with `python benchmark/make_dataset.py --env {env} {how}` and pass --env-id baq/{env}/{level}-v0"
+    known = re.fullmatch(rf"(?:baq|mujoco)/(hopper|halfcheetah|walker2d)/({D4RL_LEVELS})-v0", dataset_id)
+    if not known:
+        return f"check the id (case-sensitive: baq/<env>/<level>-v0, <level> one of {D4RL_LEVELS.replace('|', ', ')})"
+    how = "--medium-replay" if known[2] == "medium-replay" else f"--levels {known[2]} --from-policy"
+    return f"build it with `python benchmark/make_dataset.py --env {known[1]} {how}` (baq/{known[1]}/{known[2]}-v0)"
 
 
 def resolve_dataset_ids(env_id: str) -> list:
     """The Minari ids that --env-id stands for: a D4RL name maps to Minari's official data, else it is an id."""
     d4rl = re.fullmatch(r"(hopper|halfcheetah|walker2d)-([a-z-]+)-v2", env_id.lower())
-    if not d4rl:
-        return [env_id]
-    env, level = d4rl.groups()
-    if env_id != env_id.lower() or level not in LEVELS:
-        fail(f"--env-id {env_id!r} is not a D4RL name: write {env}-<level>-v2 in lower case, <level> one of "
-             f"{', '.join(LEVELS)}.")
-    if level not in MINARI_LEVELS:
-        fail(f"--env-id {env_id!r} has no Minari counterpart to download: {how_to_build(f'baq/{env}/{level}-v0')}.")
-    return [f"mujoco/{env}/{name}-v0" for name in MINARI_LEVELS[level]]
+    if d4rl and (env_id != env_id.lower() or d4rl[2] not in D4RL_LEVELS.split("|")):
+        fail(f"--env-id {env_id!r} is not a D4RL name: write {d4rl[1]}-<level>-v2 in lower case, <level> one of "
+             f"{D4RL_LEVELS.replace('|', ', ')}.")
+    if d4rl and d4rl[2] not in MINARI_IDS:
+        fail(f"--env-id {env_id!r} has no Minari counterpart: {how_to_build(f'baq/{d4rl[1]}/{d4rl[2]}-v0')}.")
+    return [f"mujoco/{d4rl[1]}/{level}-v0" for level in MINARI_IDS[d4rl[2]]] if d4rl else [env_id]
 
 
 def load_minari_dataset(dataset_id: str, env_id: str):
@@ -402,9 +391,7 @@ def load_minari_dataset(dataset_id: str, env_id: str):
     import minari
 
     store = os.environ.get("MINARI_DATASETS_PATH") or os.path.join(os.path.expanduser("~"), ".minari", "datasets")
-    if os.path.exists(store) and not os.path.isdir(store):
-        fail(f"MINARI_DATASETS_PATH {store!r} is a file: point it at a folder (the Minari store).")
-    had_store, folder = os.path.isdir(store), os.path.join(store, dataset_id)
+    had_store, folder = os.path.exists(store), os.path.join(store, dataset_id)
     try:
         dataset = minari.load_dataset(dataset_id, download=True)
         return dataset, episodes_to_transitions(dataset.iterate_episodes())  # reads every file: a cut one fails here

@@ -26,7 +26,7 @@ def test_minari_ids_pass_through(script):
 
 @pytest.mark.parametrize("env_id, words", [
     ("hopper-medium-replay-v2", ["no Minari counterpart", "`python benchmark/make_dataset.py --env hopper --medium-replay`",
-                                 "--env-id baq/hopper/medium-replay-v0"]),
+                                 "(baq/hopper/medium-replay-v0)"]),
     ("walker2d-random-v2", ["no Minari counterpart",
                             "`python benchmark/make_dataset.py --env walker2d --levels random --from-policy`"]),
     ("hopper-medum-v2", ["is not a D4RL name", "hopper-<level>-v2", "medium-replay"]),

@@ -132,7 +132,7 @@ def test_switches_off_give_unit_weights_and_uniform_sampling(full_run, run_scrip
     ("baq/hopper/expert-v0", ["'baq/hopper/expert-v0'", "not in the store", "nor downloadable",
                               "`python benchmark/make_dataset.py --env hopper --levels expert --from-policy`"]),
     ("hopper-medium-v2", ["'mujoco/hopper/medium-v0'", "nor downloadable", "--levels medium --from-policy",
-                          "--env-id baq/hopper/medium-v0"]),
+                          "(baq/hopper/medium-v0)"]),
     ("hopper-medium-replay-v2", ["no Minari counterpart", "--env hopper --medium-replay", "baq/hopper/medium-replay-v0"]),
     ("Hopper-Medium-v2", ["is not a D4RL name", "lower case"]),  # issue 34, row 9: no id that cannot exist
     ("baq/Hopper/medium-v0", ["nor downloadable", "check the id (case-sensitive"]),

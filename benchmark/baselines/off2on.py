@@ -54,11 +54,9 @@ class Args:
     eval_every: int = 5_000  # evaluate every this many online steps (and at online step 0, the offline policy)
     eval_episodes: int = 10  # deterministic episodes per evaluation
     log_every: int = 1_000  # write losses every this many online steps (averaged over the updates in between)
-
     # Off2On
     density_lr: float = 3e-4  # learning rate of the density-ratio network
     priority_temperature: float = 5.0  # T of p = w^(1/T) / mean_offline(w^(1/T))
-
     # the backbone's hyperparameters (the BAQ scripts' defaults)
     batch_size: int = 256  # batch size of every gradient update
     gamma: float = 0.99  # discount factor, in [0, 1)
@@ -376,7 +374,7 @@ def main(args: Args):
                normalize(data["next_observations"]), data["terminals"])
     del data
     run_dir, writer = start_run(args, f"Off2On on CQL from {args.offline_checkpoint}, {n_offline} offline "
-                                      f"transitions, device {device}", ref_scores)
+                                      f"transitions, device {device}")
     agent = FineTuneCQL(obs_dim, act_dim, max_action, args).to(device)
     agent.load_pretrained(checkpoint["state_dict"])
     density = DensityRatio(obs_dim, act_dim, args.hidden_dim).to(device)
@@ -399,7 +397,7 @@ def main(args: Args):
     metric_tags = [f"losses/{name}" for name in (*agent.CRITIC_METRICS, *agent.ACTOR_METRICS, "density_loss")]
     metric_tags += ["off2on/density_ratio_mean", "off2on/online_fraction", "off2on/priority_mean"]
     metric_sum, start = torch.zeros(len(metric_tags), device=device), time.time()
-    for step in progress(range(args.online_steps), f"online {args.exp_name}", "step"):
+    for step in tqdm(range(args.online_steps), f"online {args.exp_name}", unit="step", mininterval=10):
         if step % args.eval_every == 0:
             run_evaluation(step)
         state = torch.as_tensor(normalize(obs), dtype=torch.float32, device=device)[None]
@@ -502,7 +500,7 @@ def open_writer(run_dir: str, args, purge_step: Optional[int] = None):
     return RUN["writer"]
 
 
-def start_run(args, description: str, ref_scores):
+def start_run(args, description: str):
     """CleanRL's run directory {runs_dir}/{env_id}__{exp_name}__{seed}__{time}, created exclusively (_1, _2, ...
     when taken), and the hyperparameters table."""
     name = f"{args.env_id.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}"
@@ -516,8 +514,6 @@ def start_run(args, description: str, ref_scores):
     rows = "\n".join(f"|{key}|{value}|" for key, value in vars(args).items())
     writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{rows}")
     print(f"run {run_dir}: {description}")
-    if ref_scores is None:
-        print(f"note: {args.env_id} has no reference scores; eval/normalized_score is not logged, only eval/return.")
     return run_dir, writer
 
 
@@ -535,11 +531,6 @@ def stop_on_interrupt():
     raise SystemExit(130)
 
 
-def progress(steps, description: str, unit: str):
-    """Steps with a progress bar (rate and time left) on stderr, redrawn at most every 10 s."""
-    return tqdm(steps, desc=description, unit=unit, mininterval=10, smoothing=0.1, dynamic_ncols=True)
-
-
 def log_metrics(writer, prefix: str, names, metric_sum, count: int, step: int):
     """The metrics averaged since the last log (read from the device once); a non-finite one stops the run."""
     for name, value in zip(names, (metric_sum / count).tolist()):
@@ -553,32 +544,28 @@ def log_metrics(writer, prefix: str, names, metric_sum, count: int, step: int):
 # --- data: D4RL names and Minari ids, episodes to transitions, scores -------------------------
 D4RL_REF_SCORES = {  # (random, expert) returns of d4rl/infos.py, the same for every locomotion version
     "hopper": (-20.272305, 3234.3), "halfcheetah": (-280.178953, 12135.0), "walker2d": (1.629008, 4592.3)}
-LEVELS = ("medium", "medium-replay", "medium-expert", "expert", "random")  # D4RL's; make_dataset.py builds each
-MINARI_LEVELS = {"medium": ["medium"], "expert": ["expert"], "medium-expert": ["medium", "expert"]}  # Minari has
+D4RL_LEVELS = "medium|medium-replay|medium-expert|expert|random"  # D4RL's levels; make_dataset.py builds each
+MINARI_IDS = {"medium": ["medium"], "expert": ["expert"], "medium-expert": ["medium", "expert"]}  # Minari has these
 
 
 def how_to_build(dataset_id: str) -> str:
     """The command that builds a D4RL level locally as baq/<env>/<level>-v0, or what to check."""
-    known = re.fullmatch(r"(?:baq|mujoco)/(hopper|halfcheetah|walker2d)/([a-z-]+)-v0", dataset_id)
-    if not known or known[2] not in LEVELS:
-        return f"check the id (case-sensitive: baq/<env>/<level>-v0, <level> one of {', '.join(LEVELS)})"
-    env, level = known.groups()
-    how = "--medium-replay" if level == "medium-replay" else f"--levels {level} --from-policy"
-    return f"build it with `python benchmark/make_dataset.py --env {env} {how}` and pass --env-id baq/{env}/{level}-v0"
+    known = re.fullmatch(rf"(?:baq|mujoco)/(hopper|halfcheetah|walker2d)/({D4RL_LEVELS})-v0", dataset_id)
+    if not known:
+        return f"check the id (case-sensitive: baq/<env>/<level>-v0, <level> one of {D4RL_LEVELS.replace('|', ', ')})"
+    how = "--medium-replay" if known[2] == "medium-replay" else f"--levels {known[2]} --from-policy"
+    return f"build it with `python benchmark/make_dataset.py --env {known[1]} {how}` (baq/{known[1]}/{known[2]}-v0)"
 
 
 def resolve_dataset_ids(env_id: str) -> list:
     """The Minari ids that --env-id stands for: a D4RL name maps to Minari's official data, else it is an id."""
     d4rl = re.fullmatch(r"(hopper|halfcheetah|walker2d)-([a-z-]+)-v2", env_id.lower())
-    if not d4rl:
-        return [env_id]
-    env, level = d4rl.groups()
-    if env_id != env_id.lower() or level not in LEVELS:
-        fail(f"--env-id {env_id!r} is not a D4RL name: write {env}-<level>-v2 in lower case, <level> one of "
-             f"{', '.join(LEVELS)}.")
-    if level not in MINARI_LEVELS:
-        fail(f"--env-id {env_id!r} has no Minari counterpart to download: {how_to_build(f'baq/{env}/{level}-v0')}.")
-    return [f"mujoco/{env}/{name}-v0" for name in MINARI_LEVELS[level]]
+    if d4rl and (env_id != env_id.lower() or d4rl[2] not in D4RL_LEVELS.split("|")):
+        fail(f"--env-id {env_id!r} is not a D4RL name: write {d4rl[1]}-<level>-v2 in lower case, <level> one of "
+             f"{D4RL_LEVELS.replace('|', ', ')}.")
+    if d4rl and d4rl[2] not in MINARI_IDS:
+        fail(f"--env-id {env_id!r} has no Minari counterpart: {how_to_build(f'baq/{d4rl[1]}/{d4rl[2]}-v0')}.")
+    return [f"mujoco/{d4rl[1]}/{level}-v0" for level in MINARI_IDS[d4rl[2]]] if d4rl else [env_id]
 
 
 def load_minari_dataset(dataset_id: str, env_id: str):
@@ -586,9 +573,7 @@ def load_minari_dataset(dataset_id: str, env_id: str):
     import minari
 
     store = os.environ.get("MINARI_DATASETS_PATH") or os.path.join(os.path.expanduser("~"), ".minari", "datasets")
-    if os.path.exists(store) and not os.path.isdir(store):
-        fail(f"MINARI_DATASETS_PATH {store!r} is a file: point it at a folder (the Minari store).")
-    had_store, folder = os.path.isdir(store), os.path.join(store, dataset_id)
+    had_store, folder = os.path.exists(store), os.path.join(store, dataset_id)
     try:
         dataset = minari.load_dataset(dataset_id, download=True)
         return dataset, episodes_to_transitions(dataset.iterate_episodes())  # reads every file: a cut one fails here
@@ -642,18 +627,17 @@ def data_statistics(data: dict, args, offline_checkpoint, bc_checkpoint):
     """Observation mean and std and the reward scale: an offline checkpoint's (a flag asking for others is
     refused), else the dataset's; a BC checkpoint must agree. The used reward scale goes into args' records."""
     if offline_checkpoint:
-        fixed = {"--reward-scale": offline_checkpoint["reward_scale"],
-                 "--obs-norm-eps": offline_checkpoint["args"].get("obs_norm_eps")}
-        for flag, value in fixed.items():
-            given = getattr(args, flag[2:].replace("-", "_"), None)  # the baselines have no such flags
+        fixed = {"reward_scale": offline_checkpoint["reward_scale"], "obs_norm_eps": offline_checkpoint["args"].get(
+            "obs_norm_eps")}
+        for name, value in fixed.items():
+            given, flag = getattr(args, name, None), f"--{name.replace('_', '-')}"  # the baselines lack these flags
             if given not in (None, value):
                 fail(f"{flag} {given} differs from the offline checkpoint's {value}, which fixes it: pass {flag} "
                      f"{value}, or a checkpoint trained with {given}.")
         obs_mean, obs_std = offline_checkpoint["obs_mean"].numpy(), offline_checkpoint["obs_std"].numpy()
         reward_scale = offline_checkpoint["reward_scale"]
     else:
-        obs_mean = data["observations"].mean(0)
-        obs_std = data["observations"].std(0) + args.obs_norm_eps
+        obs_mean, obs_std = data["observations"].mean(0), data["observations"].std(0) + args.obs_norm_eps
         return_range = np.ptp(data["episode_returns"])
         reward_scale = float(args.reward_scale or (1000.0 / return_range if return_range > 0 else 1.0))
     if bc_checkpoint and not all(np.allclose(bc_checkpoint[f"obs_{name}"].numpy(), ours, atol=1e-5)
