@@ -179,48 +179,53 @@ def collect(env_name, policy, num_transitions, num_envs, max_episode_steps, seed
     `num_transitions` steps (the last episode is cut there and marked truncated) or, with
     `one_episode_each`, until every environment has finished its first episode (an unbiased
     evaluation: the first N episodes to end would favour short ones)."""
-    envs = gym.vector.SyncVectorEnv([lambda: make_env(env_name, max_episode_steps)] * num_envs,
-                                    autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
-    envs.action_space.seed(seed)
-    torch.manual_seed(seed)  # the policy's action noise: the same seed gives the same dataset
-    obs, _ = envs.reset(seed=seed)
-    open_episodes = [new_episode(o) for o in obs]
-    finished = np.zeros(num_envs, bool)
-    bar = tqdm(total=num_transitions, desc=f"collect {name}", unit="step", mininterval=10, disable=name is None)
-    episodes, steps = [], 0
-    while True:
-        if policy is None:
-            actions = envs.action_space.sample()
-        else:
-            with torch.no_grad():
-                actions = policy(torch.as_tensor(obs, dtype=torch.float32))[0].numpy()
-        next_obs, rewards, terminated, truncated, info = envs.step(actions)
-        for i, episode in enumerate(open_episodes):
-            if finished[i]:
-                continue
-            done = terminated[i] or truncated[i]
-            episode["observations"].append(info["final_obs"][i] if done else next_obs[i])
-            episode["actions"].append(actions[i])
-            episode["rewards"].append(rewards[i])
-            episode["terminations"].append(bool(terminated[i]))
-            episode["truncations"].append(bool(truncated[i]))
-            steps += 1
-            bar.update(1)
-            cut = not one_episode_each and steps == num_transitions
-            if done:
-                episodes.append({k: np.asarray(v) for k, v in episode.items()})
-                open_episodes[i] = new_episode(next_obs[i])
-                finished[i] = one_episode_each
-            if cut:  # the budget is reached: every unfinished episode ends here, truncated
-                for unfinished in open_episodes:
-                    if unfinished["actions"]:
-                        unfinished["truncations"][-1] = True
-                        episodes.append({k: np.asarray(v) for k, v in unfinished.items()})
-            if cut or finished.all():
-                envs.close()
-                bar.close()
-                return episodes
-        obs = next_obs
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the policy's arithmetic, hence the dataset, does not depend on --threads
+    try:
+        envs = gym.vector.SyncVectorEnv([lambda: make_env(env_name, max_episode_steps)] * num_envs,
+                                        autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
+        envs.action_space.seed(seed)
+        torch.manual_seed(seed)  # the policy's action noise: the same seed gives the same dataset
+        obs, _ = envs.reset(seed=seed)
+        open_episodes = [new_episode(o) for o in obs]
+        finished = np.zeros(num_envs, bool)
+        bar = tqdm(total=num_transitions, desc=f"collect {name}", unit="step", mininterval=10, disable=name is None)
+        episodes, steps = [], 0
+        while True:
+            if policy is None:
+                actions = envs.action_space.sample()
+            else:
+                with torch.no_grad():
+                    actions = policy(torch.as_tensor(obs, dtype=torch.float32))[0].numpy()
+            next_obs, rewards, terminated, truncated, info = envs.step(actions)
+            for i, episode in enumerate(open_episodes):
+                if finished[i]:
+                    continue
+                done = terminated[i] or truncated[i]
+                episode["observations"].append(info["final_obs"][i] if done else next_obs[i])
+                episode["actions"].append(actions[i])
+                episode["rewards"].append(rewards[i])
+                episode["terminations"].append(bool(terminated[i]))
+                episode["truncations"].append(bool(truncated[i]))
+                steps += 1
+                bar.update(1)
+                cut = not one_episode_each and steps == num_transitions
+                if done:
+                    episodes.append({k: np.asarray(v) for k, v in episode.items()})
+                    open_episodes[i] = new_episode(next_obs[i])
+                    finished[i] = one_episode_each
+                if cut:  # the budget is reached: every unfinished episode ends here, truncated
+                    for unfinished in open_episodes:
+                        if unfinished["actions"]:
+                            unfinished["truncations"][-1] = True
+                            episodes.append({k: np.asarray(v) for k, v in unfinished.items()})
+                if cut or finished.all():
+                    envs.close()
+                    bar.close()
+                    return episodes
+            obs = next_obs
+    finally:
+        torch.set_num_threads(threads)
 
 
 def evaluate(env_name, actor, args: Args, seed):
