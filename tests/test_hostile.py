@@ -40,7 +40,7 @@ def test_run_locations_are_checked_before_loading(run_script, tmp_path, flags, w
 def test_a_store_path_that_is_a_file_is_one_line(run_script, tmp_path):
     (tmp_path / "store").write_text("")
     result, run_dir = run_script("baq_cql.py", tmp_path / "runs", store=tmp_path / "store")
-    one_line_error(result, f"not in the store {tmp_path / 'store'}")
+    one_line_error(result, "MINARI_DATASETS_PATH", "is a file")
     assert (tmp_path / "store").is_file()  # left as it was
     assert run_dir is None
 

@@ -603,15 +603,15 @@ def log_metrics(writer, prefix: str, names, metric_sum, count: int, step: int):
 # --- data: D4RL names and Minari ids, episodes to transitions, scores -------------------------
 D4RL_REF_SCORES = {  # (random, expert) returns of d4rl/infos.py, the same for every locomotion version
     "hopper": (-20.272305, 3234.3), "halfcheetah": (-280.178953, 12135.0), "walker2d": (1.629008, 4592.3)}
-D4RL_LEVELS = "medium|medium-replay|medium-expert|expert|random"  # D4RL's levels; make_dataset.py builds each
+D4RL_LEVELS = ("medium", "medium-replay", "medium-expert", "expert", "random")  # make_dataset.py builds each
 MINARI_IDS = {"medium": ["medium"], "expert": ["expert"], "medium-expert": ["medium", "expert"]}  # Minari has these
 
 
 def how_to_build(dataset_id: str) -> str:
     """The command that builds a D4RL level locally as baq/<env>/<level>-v0, or what to check."""
-    known = re.fullmatch(rf"(?:baq|mujoco)/(hopper|halfcheetah|walker2d)/({D4RL_LEVELS})-v0", dataset_id)
+    known = re.fullmatch(rf"(?:baq|mujoco)/(hopper|halfcheetah|walker2d)/({'|'.join(D4RL_LEVELS)})-v0", dataset_id)
     if not known:
-        return f"check the id (case-sensitive: baq/<env>/<level>-v0, <level> one of {D4RL_LEVELS.replace('|', ', ')})"
+        return f"check the id (case-sensitive: baq/<env>/<level>-v0, <level> one of {', '.join(D4RL_LEVELS)})"
     how = "--medium-replay" if known[2] == "medium-replay" else f"--levels {known[2]} --from-policy"
     return f"build it with `python benchmark/make_dataset.py --env {known[1]} {how}` (baq/{known[1]}/{known[2]}-v0)"
 
@@ -619,9 +619,9 @@ def how_to_build(dataset_id: str) -> str:
 def resolve_dataset_ids(env_id: str) -> list:
     """The Minari ids that --env-id stands for: a D4RL name maps to Minari's official data, else it is an id."""
     d4rl = re.fullmatch(r"(hopper|halfcheetah|walker2d)-([a-z-]+)-v2", env_id.lower())
-    if d4rl and (env_id != env_id.lower() or d4rl[2] not in D4RL_LEVELS.split("|")):
+    if d4rl and (env_id != env_id.lower() or d4rl[2] not in D4RL_LEVELS):
         fail(f"--env-id {env_id!r} is not a D4RL name: write {d4rl[1]}-<level>-v2 in lower case, <level> one of "
-             f"{D4RL_LEVELS.replace('|', ', ')}.")
+             f"{', '.join(D4RL_LEVELS)}.")
     if d4rl and d4rl[2] not in MINARI_IDS:
         fail(f"--env-id {env_id!r} has no Minari counterpart: {how_to_build(f'baq/{d4rl[1]}/{d4rl[2]}-v0')}.")
     return [f"mujoco/{d4rl[1]}/{level}-v0" for level in MINARI_IDS[d4rl[2]]] if d4rl else [env_id]
@@ -632,7 +632,9 @@ def load_minari_dataset(dataset_id: str, env_id: str):
     import minari
 
     store = os.environ.get("MINARI_DATASETS_PATH") or os.path.join(os.path.expanduser("~"), ".minari", "datasets")
-    had_store, folder = os.path.exists(store), os.path.join(store, dataset_id)
+    if os.path.exists(store) and not os.path.isdir(store):
+        fail(f"MINARI_DATASETS_PATH {store!r} is a file: point it at a folder (the Minari store).")
+    had_store, folder = os.path.isdir(store), os.path.join(store, dataset_id)
     try:
         dataset = minari.load_dataset(dataset_id, download=True)
         return dataset, episodes_to_transitions(dataset.iterate_episodes())  # reads every file: a cut one fails here
@@ -679,6 +681,8 @@ def load_offline_data(env_id: str):
     ref_scores = [first.storage.metadata.get(f"ref_{end}_score") for end in ("min", "max")]
     ref_scores = tuple(map(float, ref_scores)) if None not in ref_scores else D4RL_REF_SCORES.get(
         first.spec.env_spec.id.split("-")[0].lower())
+    if ref_scores is None:
+        print(f"note: {env_id} has no reference scores; eval/normalized_score is not logged, only eval/return.")
     return data, first.recover_environment, ref_scores, float(space.high[0])
 
 
@@ -686,8 +690,8 @@ def data_statistics(data: dict, args, offline_checkpoint, bc_checkpoint):
     """Observation mean and std and the reward scale: an offline checkpoint's (a flag asking for others is
     refused), else the dataset's; a BC checkpoint must agree. The used reward scale goes into args' records."""
     if offline_checkpoint:
-        fixed = {"reward_scale": offline_checkpoint["reward_scale"], "obs_norm_eps": offline_checkpoint["args"].get(
-            "obs_norm_eps")}
+        fixed = {"reward_scale": offline_checkpoint["reward_scale"],
+                 "obs_norm_eps": offline_checkpoint["args"].get("obs_norm_eps")}
         for name, value in fixed.items():
             given, flag = getattr(args, name, None), f"--{name.replace('_', '-')}"  # the baselines lack these flags
             if given not in (None, value):
