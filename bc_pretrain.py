@@ -4,8 +4,7 @@
 # it also measures the paper's Figure 1: over the dataset's states, how far the actions of an
 # offline-trained policy and of pi_BC lie from the dataset's actions.
 #
-# Definitions that the other top-level scripts also have are identical text in all of them
-# (tests/test_copies.py checks it): change them everywhere at once.
+# Definitions other scripts also have are identical text in all (tests/test_copies.py). Docs: docs/baq.md
 import contextlib
 import glob
 import hashlib
@@ -64,8 +63,7 @@ def bc_divergence(bc_policy, obs, actions, chunk: int = 65536):
 
 
 def train_bc(observations, actions, max_action: float, args: Args, writer):
-    """Eq. 2: pi_BC = argmin E_(s,a)~D[-log pi(a|s)] on the offline data; its own seed streams make it the
-    same whether or not an offline phase ran before it, and in every script."""
+    """Eq. 2: pi_BC = argmin E_(s,a)~D[-log pi(a|s)]; its own seed streams make it the same in every script."""
     device = observations.device
     torch.manual_seed(args.seed)
     generator = torch.Generator(device).manual_seed(args.seed + 1)
@@ -150,6 +148,11 @@ class TanhGaussianActor(nn.Module):
 
 
 # ===== Evaluation and Figure 1 ==============================================================================
+def normalized_score(episode_return, ref_scores):
+    """D4RL normalized score: 100 * (R - R_random) / (R_expert - R_random)."""
+    return 100.0 * (np.asarray(episode_return) - ref_scores[0]) / (ref_scores[1] - ref_scores[0])
+
+
 @torch.no_grad()
 def evaluate_policy(policy, env, normalize, episodes: int, seed: int, device):
     """Returns of deterministic episodes of pi_BC (its mean action)."""
@@ -191,6 +194,7 @@ def plot_figure1(predictions: dict, actions, mse: dict, path: str, points: int, 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    plt.rcParams.update({"font.size": 7, "xtick.labelsize": 6, "ytick.labelsize": 6})
     idx = np.random.default_rng(seed).choice(len(actions), size=min(points, len(actions)), replace=False)
     act_dim = actions.shape[1]
     figure, axes = plt.subplots(len(predictions), act_dim, figsize=(2.6 * act_dim, 2.6 * len(predictions)),
@@ -201,9 +205,7 @@ def plot_figure1(predictions: dict, actions, mse: dict, path: str, points: int, 
             ax.scatter(actions[idx, dim], predicted[idx, dim], s=2, alpha=0.3)
             ax.plot([-1, 1], [-1, 1], color="black", linewidth=0.8)
             ax.set_title(f"{name}, a[{dim}]: MSE {mse[name][0][dim]:.3f}", fontsize=8)
-            ax.set_xlabel("dataset action", fontsize=7)
-            ax.set_ylabel("predicted action", fontsize=7)
-            ax.tick_params(labelsize=6)
+            ax.set(xlabel="dataset action", ylabel="predicted action")
     summary = ", ".join(f"{name} MSE {m[1]:.4f}" for name, m in mse.items())
     figure.suptitle(f"Figure 1, {title}\n{summary}", fontsize=9)
     figure.tight_layout()
@@ -217,10 +219,9 @@ def main(args: Args):
     device = seed_and_pick_device(args)
 
     # --- data (as the fine-tuning scripts load it) --------------------------------------------
-    data, make_env, ref_scores, max_action = load_offline_data(args.env_id)
-    obs_dim, act_dim, n_offline = data["observations"].shape[1], data["actions"].shape[1], len(data["rewards"])
-    context = {"dataset_id": args.env_id, "data_sha1": data_sha1(data), "obs_dim": obs_dim, "act_dim": act_dim,
-               "hidden_dim": args.hidden_dim}
+    data, context, make_env, ref_scores, max_action = load_offline_data(args.env_id)
+    obs_dim, act_dim, n_offline = context["obs_dim"], context["act_dim"], len(data["rewards"])
+    context["hidden_dim"] = args.hidden_dim
     offline_checkpoint = args.offline_checkpoint and load_checkpoint(
         args.offline_checkpoint, "--offline-checkpoint", "offline", ("iql", "cql"), context)
     obs_mean = data["observations"].mean(0)
@@ -272,8 +273,7 @@ def main(args: Args):
     print(f"done: {os.path.join(run_dir, 'bc.pt')}")
 
 
-# ===== PLUMBING: flags, the run directory, data, evaluation, checkpoints ====================================
-# Nothing here depends on the algorithm; a definition two scripts have is the same text (tests/test_copies.py).
+# ===== PLUMBING: flags, the run directory, data, checkpoints ================================================
 def fail(message: str):
     """Stop with one line (the input, the cause, the fix) and a non-zero exit."""
     raise SystemExit(f"error: {message}")
@@ -329,8 +329,7 @@ def open_writer(run_dir: str, args, purge_step: Optional[int] = None):
 
 
 def start_run(args, description: str):
-    """CleanRL's run directory {runs_dir}/{env_id}__{exp_name}__{seed}__{time}, created exclusively (_1, _2, ...
-    when taken), and the hyperparameters table."""
+    """CleanRL's run directory {runs_dir}/{env_id}__{exp_name}__{seed}__{time}, exclusive (_1, _2 when taken)."""
     name = f"{args.env_id.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}"
     os.makedirs(args.runs_dir, exist_ok=True)
     for attempt in itertools.count():
@@ -370,20 +369,16 @@ def how_to_build(dataset_id: str) -> str:
     """The command that builds a D4RL level locally as baq/<env>/<level>-v0, or what to check."""
     known = re.fullmatch(rf"(?:baq|mujoco)/(hopper|halfcheetah|walker2d)/({'|'.join(D4RL_LEVELS)})-v0", dataset_id)
     if not known:
-        return f"check the id (case-sensitive: baq/<env>/<level>-v0, <level> one of {', '.join(D4RL_LEVELS)})"
+        return (f"check the id (case-sensitive: <env>-<level>-v2 or baq/<env>/<level>-v0, <env> hopper, halfcheetah "
+                f"or walker2d, <level> one of {', '.join(D4RL_LEVELS)})")
     how = "--medium-replay" if known[2] == "medium-replay" else f"--levels {known[2]} --from-policy"
     return f"build it with `python benchmark/make_dataset.py --env {known[1]} {how}` (baq/{known[1]}/{known[2]}-v0)"
 
 
 def resolve_dataset_ids(env_id: str) -> list:
     """The Minari ids that --env-id stands for: a D4RL name maps to Minari's official data, else it is an id."""
-    d4rl = re.fullmatch(r"(hopper|halfcheetah|walker2d)-([a-z-]+)-v2", env_id.lower())
-    if d4rl and (env_id != env_id.lower() or d4rl[2] not in D4RL_LEVELS):
-        fail(f"--env-id {env_id!r} is not a D4RL name: write {d4rl[1]}-<level>-v2 in lower case, <level> one of "
-             f"{', '.join(D4RL_LEVELS)}.")
-    if d4rl and d4rl[2] not in MINARI_IDS:
-        fail(f"--env-id {env_id!r} has no Minari counterpart: {how_to_build(f'baq/{d4rl[1]}/{d4rl[2]}-v0')}.")
-    return [f"mujoco/{d4rl[1]}/{level}-v0" for level in MINARI_IDS[d4rl[2]]] if d4rl else [env_id]
+    d4rl = re.fullmatch(r"(hopper|halfcheetah|walker2d)-([a-z-]+)-v2", env_id)
+    return [f"mujoco/{d4rl[1]}/{level}-v0" for level in MINARI_IDS.get(d4rl[2], [d4rl[2]])] if d4rl else [env_id]
 
 
 def load_minari_dataset(dataset_id: str, env_id: str):
@@ -419,16 +414,9 @@ def episodes_to_transitions(episodes) -> dict:
     return {**{key: np.concatenate(value) for key, value in parts.items()}, "episode_returns": np.asarray(returns)}
 
 
-def data_sha1(data: dict) -> str:
-    """The transitions' fingerprint: a checkpoint made on other data under the same name is refused."""
-    digest = hashlib.sha1()
-    for key in ("observations", "actions", "rewards", "next_observations", "terminals"):
-        digest.update(np.ascontiguousarray(data[key]))
-    return digest.hexdigest()
-
-
 def load_offline_data(env_id: str):
-    """Transitions, an environment maker (`make_env(eval_env=...)`), reference scores (or None), action bound."""
+    """Transitions, their identity for the checkpoints (id, SHA-1, sizes), an environment maker
+    (`make_env(eval_env=...)`), reference scores (or None), the action bound."""
     loaded = [load_minari_dataset(dataset_id, env_id) for dataset_id in resolve_dataset_ids(env_id)]
     first, space = loaded[0][0], loaded[0][0].action_space
     spaces = {(str(d.observation_space), str(d.action_space)) for d, _ in loaded}
@@ -437,17 +425,17 @@ def load_offline_data(env_id: str):
     if not (np.allclose(space.low, -space.high) and np.allclose(space.high, space.high[0])):
         fail(f"--env-id {env_id!r}: the tanh policies need a symmetric action box [-c, c], not {space}.")
     data = {key: np.concatenate([part[key] for _, part in loaded]) for key in loaded[0][1]}
+    digest = hashlib.sha1()  # a checkpoint made on other data under the same name is refused
+    for key in ("observations", "actions", "rewards", "next_observations", "terminals"):
+        digest.update(np.ascontiguousarray(data[key]))
+    identity = {"dataset_id": env_id, "data_sha1": digest.hexdigest(), "obs_dim": data["observations"].shape[1],
+                "act_dim": data["actions"].shape[1]}
     ref_scores = [first.storage.metadata.get(f"ref_{end}_score") for end in ("min", "max")]
     ref_scores = tuple(map(float, ref_scores)) if None not in ref_scores else D4RL_REF_SCORES.get(
         first.spec.env_spec.id.split("-")[0].lower())
     if ref_scores is None:
         print(f"note: {env_id} has no reference scores; eval/normalized_score is not logged, only eval/return.")
-    return data, first.recover_environment, ref_scores, float(space.high[0])
-
-
-def normalized_score(episode_return, ref_scores):
-    """D4RL normalized score: 100 * (R - R_random) / (R_expert - R_random)."""
-    return 100.0 * (np.asarray(episode_return) - ref_scores[0]) / (ref_scores[1] - ref_scores[0])
+    return data, identity, first.recover_environment, ref_scores, float(space.high[0])
 
 
 # --- checkpoints ------------------------------------------------------------------------------

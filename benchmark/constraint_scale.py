@@ -42,7 +42,7 @@ def gradient_norm(loss, parameters) -> float:
 def main(args: Args):
     script = importlib.import_module(args.script)
     torch.manual_seed(args.seed)
-    data, _, _, max_action = script.load_offline_data(args.env_id)
+    data, _, _, _, max_action = script.load_offline_data(args.env_id)
     obs_dim, act_dim = data["observations"].shape[1], data["actions"].shape[1]
     context = {"dataset_id": args.env_id, "obs_dim": obs_dim, "act_dim": act_dim}
     offline = script.load_checkpoint(args.offline_checkpoint, "--offline-checkpoint", "offline", (script.ALGORITHM,), context)

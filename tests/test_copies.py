@@ -78,11 +78,12 @@ def test_the_check_fails_on_a_definition_edited_in_one_script_only():
 
 @pytest.mark.parametrize("name", ["baq_iql.py", "baq_cql.py"])
 def test_the_algorithm_comes_before_the_plumbing(name):
-    """A reader meets Args, the BAQ terms, the algorithm and the loop before one banner, then plumbing."""
+    """A reader meets Args, the BAQ terms, the algorithm, the evaluation and the loop before one banner, then
+    plumbing."""
     source = (ROOT / name).read_text()
     lines = source.splitlines()
-    order = ["class Args", "def behavior_weight", "def losses", "class ReplayBuffer", "def main", "# ===== PLUMBING",
-             "def fail", "def load_minari_dataset", "def evaluate", "def save_checkpoint"]
+    order = ["class Args", "def behavior_weight", "def losses", "class ReplayBuffer", "def evaluate", "def main",
+             "# ===== PLUMBING", "def fail", "def load_minari_dataset", "def save_checkpoint"]
     positions = [next(i for i, line in enumerate(lines) if line.lstrip().startswith(marker)) for marker in order]
     split = order.index("# ===== PLUMBING")
     assert positions[:split + 1] == sorted(positions[:split + 1])

@@ -113,7 +113,7 @@ def test_figure1_numbers_match_a_direct_computation(pretrained, run_script, tmp_
     scalars = read_scalars(bc_dir)
 
     script = importlib.import_module(f"baq_{algo}")
-    data, _, _, max_action = script.load_offline_data("baq/hopper/tiny-v0")
+    data, _, _, _, max_action = script.load_offline_data("baq/hopper/tiny-v0")
     offline, bc = load(run_dir / "offline.pt"), load(bc_dir / "bc.pt")
     agent = script.Agent(11, 3, max_action, script.Args(compile=False, hidden_dim=32))
     agent.load_state_dict(offline["state_dict"]["agent"])

@@ -354,13 +354,50 @@ class BalancedReplayBuffer:
         return self.observations[idx], self.actions[idx]
 
 
+# ===== Evaluation: the D4RL normalized score and the Q bias =================================================
+def normalized_score(episode_return, ref_scores):
+    """D4RL normalized score: 100 * (R - R_random) / (R_expert - R_random)."""
+    return 100.0 * (np.asarray(episode_return) - ref_scores[0]) / (ref_scores[1] - ref_scores[0])
+
+
+def discounted_returns_to_go(rewards, gamma: float):
+    return np.asarray(list(itertools.accumulate(reversed(rewards), lambda g, r: r + gamma * g))[::-1])
+
+
+def evaluate(agent, env, normalize, episodes: int, seed: int, gamma: float, reward_scale: float, device):
+    """Deterministic episodes' returns and the Q bias: mean of Q(s_t, a_t) / reward_scale - return-to-go."""
+    episode_returns, q_errors = [], []
+    for episode in range(episodes):
+        obs, _ = env.reset(seed=seed + episode)
+        states, actions, rewards, done = [], [], [], False
+        while not done:
+            states.append(torch.as_tensor(normalize(obs), dtype=torch.float32, device=device))
+            actions.append(agent.act(states[-1][None], deterministic=True)[0])
+            obs, reward, terminated, truncated, _ = env.step(actions[-1].cpu().numpy())
+            rewards.append(reward)
+            done = terminated or truncated
+        q = agent.q_value(torch.stack(states), torch.stack(actions)).cpu().numpy() / reward_scale
+        q_errors.append(q - discounted_returns_to_go(rewards, gamma))
+        episode_returns.append(sum(rewards))
+    return np.asarray(episode_returns), float(np.concatenate(q_errors).mean())
+
+
+def log_evaluation(writer, prefix: str, step: int, ref_scores, returns, q_bias: float):
+    scores = {"return": returns.mean(), "q_bias": q_bias}
+    if ref_scores is not None:
+        scores["normalized_score"] = normalized_score(returns.mean(), ref_scores)
+    for name, value in scores.items():
+        writer.add_scalar(f"{prefix}eval/{name}", value, step)
+    shown = ", ".join(f"{name} {value:.1f}" for name, value in scores.items())
+    tqdm.write(f"{prefix or 'online/'}step {step}: {shown} (return std {returns.std():.1f})")
+
+
 # ===== The run: Off2On fine-tuning online from the CQL checkpoint ===========================================
 def main(args: Args):
     device = seed_and_pick_device(args)
-    data, make_env, ref_scores, max_action = load_offline_data(args.env_id)
-    obs_dim, act_dim, n_offline = data["observations"].shape[1], data["actions"].shape[1], len(data["rewards"])
-    context = {"dataset_id": args.env_id, "data_sha1": data_sha1(data), "obs_dim": obs_dim, "act_dim": act_dim,
-               "hidden_dim": args.hidden_dim}
+    data, context, make_env, ref_scores, max_action = load_offline_data(args.env_id)
+    obs_dim, act_dim, n_offline = context["obs_dim"], context["act_dim"], len(data["rewards"])
+    context["hidden_dim"] = args.hidden_dim
     checkpoint = load_checkpoint(args.offline_checkpoint, "--offline-checkpoint", "offline", ("cql",), context)
     args.exp_name = args.exp_name or f"{METHOD}_cql"
     obs_mean, obs_std, reward_scale = data_statistics(data, args, checkpoint, None)
@@ -443,8 +480,7 @@ def main(args: Args):
     print(f"done: {run_dir}")
 
 
-# ===== PLUMBING: flags, the run directory, data, evaluation, checkpoints ====================================
-# Nothing here depends on the algorithm; a definition two scripts have is the same text (tests/test_copies.py).
+# ===== PLUMBING: flags, the run directory, data, checkpoints ================================================
 def fail(message: str):
     """Stop with one line (the input, the cause, the fix) and a non-zero exit."""
     raise SystemExit(f"error: {message}")
@@ -501,8 +537,7 @@ def open_writer(run_dir: str, args, purge_step: Optional[int] = None):
 
 
 def start_run(args, description: str):
-    """CleanRL's run directory {runs_dir}/{env_id}__{exp_name}__{seed}__{time}, created exclusively (_1, _2, ...
-    when taken), and the hyperparameters table."""
+    """CleanRL's run directory {runs_dir}/{env_id}__{exp_name}__{seed}__{time}, exclusive (_1, _2 when taken)."""
     name = f"{args.env_id.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}"
     os.makedirs(args.runs_dir, exist_ok=True)
     for attempt in itertools.count():
@@ -552,20 +587,16 @@ def how_to_build(dataset_id: str) -> str:
     """The command that builds a D4RL level locally as baq/<env>/<level>-v0, or what to check."""
     known = re.fullmatch(rf"(?:baq|mujoco)/(hopper|halfcheetah|walker2d)/({'|'.join(D4RL_LEVELS)})-v0", dataset_id)
     if not known:
-        return f"check the id (case-sensitive: baq/<env>/<level>-v0, <level> one of {', '.join(D4RL_LEVELS)})"
+        return (f"check the id (case-sensitive: <env>-<level>-v2 or baq/<env>/<level>-v0, <env> hopper, halfcheetah "
+                f"or walker2d, <level> one of {', '.join(D4RL_LEVELS)})")
     how = "--medium-replay" if known[2] == "medium-replay" else f"--levels {known[2]} --from-policy"
     return f"build it with `python benchmark/make_dataset.py --env {known[1]} {how}` (baq/{known[1]}/{known[2]}-v0)"
 
 
 def resolve_dataset_ids(env_id: str) -> list:
     """The Minari ids that --env-id stands for: a D4RL name maps to Minari's official data, else it is an id."""
-    d4rl = re.fullmatch(r"(hopper|halfcheetah|walker2d)-([a-z-]+)-v2", env_id.lower())
-    if d4rl and (env_id != env_id.lower() or d4rl[2] not in D4RL_LEVELS):
-        fail(f"--env-id {env_id!r} is not a D4RL name: write {d4rl[1]}-<level>-v2 in lower case, <level> one of "
-             f"{', '.join(D4RL_LEVELS)}.")
-    if d4rl and d4rl[2] not in MINARI_IDS:
-        fail(f"--env-id {env_id!r} has no Minari counterpart: {how_to_build(f'baq/{d4rl[1]}/{d4rl[2]}-v0')}.")
-    return [f"mujoco/{d4rl[1]}/{level}-v0" for level in MINARI_IDS[d4rl[2]]] if d4rl else [env_id]
+    d4rl = re.fullmatch(r"(hopper|halfcheetah|walker2d)-([a-z-]+)-v2", env_id)
+    return [f"mujoco/{d4rl[1]}/{level}-v0" for level in MINARI_IDS.get(d4rl[2], [d4rl[2]])] if d4rl else [env_id]
 
 
 def load_minari_dataset(dataset_id: str, env_id: str):
@@ -601,16 +632,9 @@ def episodes_to_transitions(episodes) -> dict:
     return {**{key: np.concatenate(value) for key, value in parts.items()}, "episode_returns": np.asarray(returns)}
 
 
-def data_sha1(data: dict) -> str:
-    """The transitions' fingerprint: a checkpoint made on other data under the same name is refused."""
-    digest = hashlib.sha1()
-    for key in ("observations", "actions", "rewards", "next_observations", "terminals"):
-        digest.update(np.ascontiguousarray(data[key]))
-    return digest.hexdigest()
-
-
 def load_offline_data(env_id: str):
-    """Transitions, an environment maker (`make_env(eval_env=...)`), reference scores (or None), action bound."""
+    """Transitions, their identity for the checkpoints (id, SHA-1, sizes), an environment maker
+    (`make_env(eval_env=...)`), reference scores (or None), the action bound."""
     loaded = [load_minari_dataset(dataset_id, env_id) for dataset_id in resolve_dataset_ids(env_id)]
     first, space = loaded[0][0], loaded[0][0].action_space
     spaces = {(str(d.observation_space), str(d.action_space)) for d, _ in loaded}
@@ -619,12 +643,17 @@ def load_offline_data(env_id: str):
     if not (np.allclose(space.low, -space.high) and np.allclose(space.high, space.high[0])):
         fail(f"--env-id {env_id!r}: the tanh policies need a symmetric action box [-c, c], not {space}.")
     data = {key: np.concatenate([part[key] for _, part in loaded]) for key in loaded[0][1]}
+    digest = hashlib.sha1()  # a checkpoint made on other data under the same name is refused
+    for key in ("observations", "actions", "rewards", "next_observations", "terminals"):
+        digest.update(np.ascontiguousarray(data[key]))
+    identity = {"dataset_id": env_id, "data_sha1": digest.hexdigest(), "obs_dim": data["observations"].shape[1],
+                "act_dim": data["actions"].shape[1]}
     ref_scores = [first.storage.metadata.get(f"ref_{end}_score") for end in ("min", "max")]
     ref_scores = tuple(map(float, ref_scores)) if None not in ref_scores else D4RL_REF_SCORES.get(
         first.spec.env_spec.id.split("-")[0].lower())
     if ref_scores is None:
         print(f"note: {env_id} has no reference scores; eval/normalized_score is not logged, only eval/return.")
-    return data, first.recover_environment, ref_scores, float(space.high[0])
+    return data, identity, first.recover_environment, ref_scores, float(space.high[0])
 
 
 def data_statistics(data: dict, args, offline_checkpoint, bc_checkpoint):
@@ -651,44 +680,6 @@ def data_statistics(data: dict, args, offline_checkpoint, bc_checkpoint):
     if hasattr(args, "reward_scale"):
         args.reward_scale = reward_scale
     return obs_mean, obs_std, reward_scale
-
-
-def normalized_score(episode_return, ref_scores):
-    """D4RL normalized score: 100 * (R - R_random) / (R_expert - R_random)."""
-    return 100.0 * (np.asarray(episode_return) - ref_scores[0]) / (ref_scores[1] - ref_scores[0])
-
-
-# --- evaluation -------------------------------------------------------------------------------
-def discounted_returns_to_go(rewards, gamma: float):
-    return np.asarray(list(itertools.accumulate(reversed(rewards), lambda g, r: r + gamma * g))[::-1])
-
-
-def evaluate(agent, env, normalize, episodes: int, seed: int, gamma: float, reward_scale: float, device):
-    """Deterministic episodes' returns and the Q bias: mean of Q(s_t, a_t) / reward_scale - return-to-go."""
-    episode_returns, q_errors = [], []
-    for episode in range(episodes):
-        obs, _ = env.reset(seed=seed + episode)
-        states, actions, rewards, done = [], [], [], False
-        while not done:
-            states.append(torch.as_tensor(normalize(obs), dtype=torch.float32, device=device))
-            actions.append(agent.act(states[-1][None], deterministic=True)[0])
-            obs, reward, terminated, truncated, _ = env.step(actions[-1].cpu().numpy())
-            rewards.append(reward)
-            done = terminated or truncated
-        q = agent.q_value(torch.stack(states), torch.stack(actions)).cpu().numpy() / reward_scale
-        q_errors.append(q - discounted_returns_to_go(rewards, gamma))
-        episode_returns.append(sum(rewards))
-    return np.asarray(episode_returns), float(np.concatenate(q_errors).mean())
-
-
-def log_evaluation(writer, prefix: str, step: int, ref_scores, returns, q_bias: float):
-    scores = {"return": returns.mean(), "q_bias": q_bias}
-    if ref_scores is not None:
-        scores["normalized_score"] = normalized_score(returns.mean(), ref_scores)
-    for name, value in scores.items():
-        writer.add_scalar(f"{prefix}eval/{name}", value, step)
-    shown = ", ".join(f"{name} {value:.1f}" for name, value in scores.items())
-    tqdm.write(f"{prefix or 'online/'}step {step}: {shown} (return std {returns.std():.1f})")
 
 
 # --- checkpoints ------------------------------------------------------------------------------
