@@ -404,7 +404,7 @@ class ReplayBuffer:
         self.capacity, self.size, self.device = capacity, 0, device
         self.generator = torch.Generator(device).manual_seed(seed)
 
-    def add(self, obs, actions, rewards, next_obs, terminals, weights, priorities):
+    def add(self, obs, actions, rewards, next_obs, terminals, weights=1.0, priorities=1.0):
         n, start = len(rewards), self.size
         if start + n > self.capacity:  # a slice past the end would broadcast the rows away silently
             raise ValueError(f"replay buffer overflow: {start} + {n} > capacity {self.capacity}")
@@ -488,15 +488,13 @@ def main(args: Args):
         return (obs - obs_mean) / obs_std
 
     buffer = ReplayBuffer(n_offline + args.online_steps, obs_dim, act_dim, device, args.seed)
-    ones = np.ones(n_offline, dtype=np.float32)  # w and rho of the offline data, until pi_BC exists
     buffer.add(normalize(data["observations"]), data["actions"], data["rewards"] * reward_scale,
-               normalize(data["next_observations"]), data["terminals"], ones, ones)
+               normalize(data["next_observations"]), data["terminals"])  # w = rho = 1 until pi_BC exists
     del data
     run_dir, writer = start_run(args, f"{n_offline} offline transitions, obs {obs_dim}, actions {act_dim}, "
                                       f"reward scale {reward_scale:.4g}, device {device}")
     agent = Agent(obs_dim, act_dim, max_action, args).to(device)
     eval_env = make_env(eval_env=True)
-    eval_env.action_space.seed(args.seed)
 
     last_evaluation = {}  # the offline phase's last one is online step 0's: the same policy and episodes
 
@@ -569,7 +567,6 @@ def main(args: Args):
     torch.manual_seed(args.seed + 2)  # the same online phase whether the earlier phases ran or were loaded
     buffer.generator.manual_seed(args.seed + 2)
     env = gym.wrappers.RecordEpisodeStatistics(make_env())
-    env.action_space.seed(args.seed)
     obs, _ = env.reset(seed=args.seed)
     loss_tags = [f"losses/{name}" for name in Agent.METRICS]
     loss_tags += ["baq/constraint_loss", "baq/uncertainty_mean"] if args.behavior_constraint else []

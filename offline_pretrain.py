@@ -422,7 +422,7 @@ class ReplayBuffer:
         self.capacity, self.size, self.device = capacity, 0, device
         self.generator = torch.Generator(device).manual_seed(seed)
 
-    def add(self, obs, actions, rewards, next_obs, terminals, weights, priorities):
+    def add(self, obs, actions, rewards, next_obs, terminals, weights=1.0, priorities=1.0):
         n, start = len(rewards), self.size
         if start + n > self.capacity:  # a slice past the end would broadcast the rows away silently
             raise ValueError(f"replay buffer overflow: {start} + {n} > capacity {self.capacity}")
@@ -509,9 +509,8 @@ def main(args: Args):
         return (obs - obs_mean) / obs_std
 
     buffer = ReplayBuffer(n_offline, obs_dim, act_dim, device, args.seed)
-    ones = np.ones(n_offline, dtype=np.float32)
     buffer.add(normalize(data["observations"]), data["actions"], data["rewards"] * reward_scale,
-               normalize(data["next_observations"]), data["terminals"], ones, ones)
+               normalize(data["next_observations"]), data["terminals"])
     del data
 
     if resume:
@@ -522,7 +521,6 @@ def main(args: Args):
                                                            f"{reward_scale:.4g}, device {device}")
     agent = AGENTS[args.algo](obs_dim, act_dim, max_action, args).to(device)
     eval_env = make_env(eval_env=True)
-    eval_env.action_space.seed(args.seed)
 
     def run_evaluation(prefix: str, step: int):
         returns, q_bias = evaluate(agent, eval_env, normalize, args.eval_episodes, args.seed + 10_000, args.gamma,

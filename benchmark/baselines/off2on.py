@@ -417,7 +417,6 @@ def main(args: Args):
     density = DensityRatio(obs_dim, act_dim, args.hidden_dim).to(device)
     density_optimizer = torch.optim.Adam(density.parameters(), lr=args.density_lr)
     eval_env = make_env(eval_env=True)
-    eval_env.action_space.seed(args.seed)
 
     def run_evaluation(step: int):
         returns, q_bias = evaluate(agent, eval_env, normalize, args.eval_episodes, args.seed + 10_000, args.gamma,
@@ -427,10 +426,9 @@ def main(args: Args):
     # --- online fine-tuning: density ratio, then one SAC update on a balanced batch, every step ---
     torch.manual_seed(args.seed + 2)
     buffer.generator.manual_seed(args.seed + 2)
-    env = make_env()
-    env.action_space.seed(args.seed)
+    env = gym.wrappers.RecordEpisodeStatistics(make_env())
     obs, _ = env.reset(seed=args.seed)
-    episode_return, episode_length, offline_w = 0.0, 0, None
+    offline_w = None
     metric_tags = [f"losses/{name}" for name in (*agent.CRITIC_METRICS, *agent.ACTOR_METRICS, "density_loss")]
     metric_tags += ["off2on/density_ratio_mean", "off2on/online_fraction", "off2on/priority_mean"]
     metric_sum, start = torch.zeros(len(metric_tags), device=device), time.time()
@@ -439,15 +437,13 @@ def main(args: Args):
             run_evaluation(step)
         state = torch.as_tensor(normalize(obs), dtype=torch.float32, device=device)[None]
         action = agent.act(state, deterministic=False)
-        next_obs, reward, terminated, truncated, _ = env.step(action[0].cpu().numpy())
+        next_obs, reward, terminated, truncated, info = env.step(action[0].cpu().numpy())
         buffer.add(state, action, [reward * reward_scale], normalize(next_obs)[None], [float(terminated)])
-        episode_return, episode_length = episode_return + reward, episode_length + 1
         obs = next_obs
         if terminated or truncated:
-            writer.add_scalar("charts/episodic_return", episode_return, step + 1)
-            writer.add_scalar("charts/episodic_length", episode_length, step + 1)
+            writer.add_scalar("charts/episodic_return", info["episode"]["r"], step + 1)
+            writer.add_scalar("charts/episodic_length", info["episode"]["l"], step + 1)
             obs, _ = env.reset()
-            episode_return, episode_length = 0.0, 0
 
         density_loss = torch.zeros((), device=device)
         if buffer.size - n_offline >= args.batch_size:  # the density ratio needs a batch of online data

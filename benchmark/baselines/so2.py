@@ -366,7 +366,7 @@ class ReplayBuffer:
         self.capacity, self.size, self.device = capacity, 0, device
         self.generator = torch.Generator(device).manual_seed(seed)
 
-    def add(self, obs, actions, rewards, next_obs, terminals, weights, priorities):
+    def add(self, obs, actions, rewards, next_obs, terminals, weights=1.0, priorities=1.0):
         n, start = len(rewards), self.size
         if start + n > self.capacity:  # a slice past the end would broadcast the rows away silently
             raise ValueError(f"replay buffer overflow: {start} + {n} > capacity {self.capacity}")
@@ -453,9 +453,8 @@ def main(args: Args):
         return (obs - obs_mean) / obs_std
 
     buffer = ReplayBuffer(n_offline + args.online_steps, obs_dim, act_dim, device, args.seed)
-    ones = np.ones(n_offline, dtype=np.float32)  # w = rho = 1: plain uniform replay of offline and online data
     buffer.add(normalize(data["observations"]), data["actions"], data["rewards"] * reward_scale,
-               normalize(data["next_observations"]), data["terminals"], ones, ones)
+               normalize(data["next_observations"]), data["terminals"])  # w = rho = 1: uniform replay
     del data
     if resume:
         start_step, run_dir, writer = continue_run(args, resume, context, args.online_steps, "online step")
@@ -467,7 +466,6 @@ def main(args: Args):
                                           target_noise=(args.target_noise, args.target_noise_clip)).to(device)
     agent.load_pretrained(checkpoint["state_dict"])
     eval_env = make_env(eval_env=True)
-    eval_env.action_space.seed(args.seed)
 
     def run_evaluation(step: int):
         returns, q_bias = evaluate(agent, eval_env, normalize, args.eval_episodes, args.seed + 10_000, args.gamma,
@@ -477,10 +475,9 @@ def main(args: Args):
     # --- online fine-tuning: G critic updates and one actor update per environment step ---------
     torch.manual_seed(args.seed + 2)
     buffer.generator.manual_seed(args.seed + 2)
-    env = make_env()
-    env.action_space.seed(args.seed)
+    env = gym.wrappers.RecordEpisodeStatistics(make_env())
     obs, _ = env.reset(seed=args.seed)
-    episode_return, episode_length, saved_at = 0.0, 0, start_step
+    saved_at = start_step
     critic_sum = torch.zeros(len(agent.CRITIC_METRICS), device=device)
     actor_sum = torch.zeros(len(agent.ACTOR_METRICS), device=device)
     counts = {"critic_updates": 0, "actor_updates": 0, "logged_critic": 0, "logged_actor": 0}
@@ -492,16 +489,14 @@ def main(args: Args):
     for step in tqdm(range(start_step, args.online_steps), f"online {args.exp_name}", unit="step", mininterval=10):
         state = torch.as_tensor(normalize(obs), dtype=torch.float32, device=device)[None]
         action = agent.act(state, deterministic=False)
-        next_obs, reward, terminated, truncated, _ = env.step(action[0].cpu().numpy())
-        buffer.add(state, action, [reward * reward_scale], normalize(next_obs)[None], [float(terminated)], [1.0], [1.0])
-        episode_return, episode_length = episode_return + reward, episode_length + 1
+        next_obs, reward, terminated, truncated, info = env.step(action[0].cpu().numpy())
+        buffer.add(state, action, [reward * reward_scale], normalize(next_obs)[None], [float(terminated)])
         obs = next_obs
         if terminated or truncated:
-            writer.add_scalar("charts/episodic_return", episode_return, step + 1)
-            writer.add_scalar("charts/episodic_length", episode_length, step + 1)
+            writer.add_scalar("charts/episodic_return", info["episode"]["r"], step + 1)
+            writer.add_scalar("charts/episodic_length", info["episode"]["l"], step + 1)
             env_random_state = env.np_random.bit_generator.state  # what the reset draws from: kept for resume.pt
             obs, _ = env.reset()
-            episode_return, episode_length = 0.0, 0
 
         for _ in range(args.critic_updates):  # SO2: the raised update-to-data ratio
             batch = buffer.sample(args.batch_size)[1]
