@@ -667,11 +667,8 @@ def seed_and_pick_device(args):
 def keep_freed_memory():
     """On a CPU, keep large freed blocks in glibc's heap instead of returning them to the OS, so that an update
     does not page-fault its activations in anew (CQL's are large: docs/benchmark.md)."""
-    if sys.platform.startswith("linux"):
-        try:
-            libc = ctypes.CDLL("libc.so.6")
-        except OSError:  # not glibc
-            return
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to set
+        libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(-3, 32 * 1024 * 1024)  # M_MMAP_THRESHOLD, at glibc's maximum
         libc.mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD
 
