@@ -17,13 +17,28 @@ def test_d4rl_names_map_to_official_minari_ids(script):
     assert script.resolve_dataset_ids("hopper-medium-v2") == ["mujoco/hopper/medium-v0"]
     assert script.resolve_dataset_ids("walker2d-expert-v2") == ["mujoco/walker2d/expert-v0"]
     assert script.resolve_dataset_ids("halfcheetah-medium-expert-v2") == ["mujoco/halfcheetah/medium-v0", "mujoco/halfcheetah/expert-v0"]
-    assert script.resolve_dataset_ids("hopper-random-v2") == ["mujoco/hopper/random-v0"]  # fails to load, with advice
 
 
 def test_minari_ids_pass_through(script):
     assert script.resolve_dataset_ids("baq/hopper/medium-replay-v0") == ["baq/hopper/medium-replay-v0"]
     assert script.resolve_dataset_ids("mujoco/hopper/simple-v0") == ["mujoco/hopper/simple-v0"]
-    assert script.resolve_dataset_ids("Hopper-Medium-v2") == ["Hopper-Medium-v2"]  # not a D4RL name: case matters
+
+
+@pytest.mark.parametrize("env_id, words", [
+    ("hopper-medium-replay-v2", ["no Minari counterpart", "`python benchmark/make_dataset.py --env hopper --medium-replay`",
+                                 "--env-id baq/hopper/medium-replay-v0"]),
+    ("walker2d-random-v2", ["no Minari counterpart",
+                            "`python benchmark/make_dataset.py --env walker2d --levels random --from-policy`"]),
+    ("hopper-medum-v2", ["is not a D4RL name", "hopper-<level>-v2", "medium-replay"]),
+    ("Hopper-Medium-v2", ["is not a D4RL name", "lower case"]),
+])
+def test_unusable_ids_fail_with_advice(script, env_id, words):
+    with pytest.raises(SystemExit) as error:
+        script.resolve_dataset_ids(env_id)
+    message = str(error.value.code)
+    assert message.startswith("error: ") and env_id in message
+    for word in words:
+        assert word in message
 
 
 def test_episodes_become_transitions_with_truncations_bootstrapped(script):

@@ -132,11 +132,9 @@ def test_switches_off_give_unit_weights_and_uniform_sampling(full_run, run_scrip
     ("baq/hopper/expert-v0", ["'baq/hopper/expert-v0'", "not in the store", "nor downloadable",
                               "`python benchmark/make_dataset.py --env hopper --levels expert --from-policy`"]),
     ("hopper-medium-v2", ["'mujoco/hopper/medium-v0'", "nor downloadable", "--levels medium --from-policy",
-                          "(baq/hopper/medium-v0)"]),
-    ("hopper-medium-replay-v2", ["'mujoco/hopper/medium-replay-v0'", "nor downloadable", "--env hopper --medium-replay",
-                                 "(baq/hopper/medium-replay-v0)"]),  # a level Minari does not publish
-    ("Hopper-Medium-v2", ["nor downloadable", "check the id (case-sensitive"]),  # issue 34, row 9: the id is wrong
-    ("hopper-medum-v2", ["nor downloadable", "check the id", "<env>-<level>-v2", "medium-replay"]),
+                          "--env-id baq/hopper/medium-v0"]),
+    ("hopper-medium-replay-v2", ["no Minari counterpart", "--env hopper --medium-replay", "baq/hopper/medium-replay-v0"]),
+    ("Hopper-Medium-v2", ["is not a D4RL name", "lower case"]),  # issue 34, row 9: no id that cannot exist
     ("baq/Hopper/medium-v0", ["nor downloadable", "check the id (case-sensitive"]),
     ("baq/hopper/nope-v0", ["nor downloadable", "check the id", "medium-replay"]),
 ])

@@ -640,16 +640,21 @@ def how_to_build(dataset_id: str) -> str:
     """The command that builds a D4RL level locally as baq/<env>/<level>-v0, or what to check."""
     known = re.fullmatch(rf"(?:baq|mujoco)/(hopper|halfcheetah|walker2d)/({'|'.join(D4RL_LEVELS)})-v0", dataset_id)
     if not known:
-        return (f"check the id (case-sensitive: <env>-<level>-v2 or baq/<env>/<level>-v0, <env> hopper, halfcheetah "
-                f"or walker2d, <level> one of {', '.join(D4RL_LEVELS)})")
+        return f"check the id (case-sensitive: baq/<env>/<level>-v0, <level> one of {', '.join(D4RL_LEVELS)})"
     how = "--medium-replay" if known[2] == "medium-replay" else f"--levels {known[2]} --from-policy"
-    return f"build it with `python benchmark/make_dataset.py --env {known[1]} {how}` (baq/{known[1]}/{known[2]}-v0)"
+    return (f"build it with `python benchmark/make_dataset.py --env {known[1]} {how}` and pass --env-id "
+            f"baq/{known[1]}/{known[2]}-v0")
 
 
 def resolve_dataset_ids(env_id: str) -> list:
     """The Minari ids that --env-id stands for: a D4RL name maps to Minari's official data, else it is an id."""
-    d4rl = re.fullmatch(r"(hopper|halfcheetah|walker2d)-([a-z-]+)-v2", env_id)
-    return [f"mujoco/{d4rl[1]}/{level}-v0" for level in MINARI_IDS.get(d4rl[2], [d4rl[2]])] if d4rl else [env_id]
+    d4rl = re.fullmatch(r"(hopper|halfcheetah|walker2d)-([a-z-]+)-v2", env_id.lower())
+    if d4rl and (env_id != env_id.lower() or d4rl[2] not in D4RL_LEVELS):
+        fail(f"--env-id {env_id!r} is not a D4RL name: write {d4rl[1]}-<level>-v2 in lower case, <level> one of "
+             f"{', '.join(D4RL_LEVELS)}.")
+    if d4rl and d4rl[2] not in MINARI_IDS:
+        fail(f"--env-id {env_id!r} has no Minari counterpart: {how_to_build(f'baq/{d4rl[1]}/{d4rl[2]}-v0')}.")
+    return [f"mujoco/{d4rl[1]}/{level}-v0" for level in MINARI_IDS[d4rl[2]]] if d4rl else [env_id]
 
 
 def load_minari_dataset(dataset_id: str, env_id: str):
