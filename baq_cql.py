@@ -25,7 +25,6 @@ import signal
 import sys
 import time
 from dataclasses import asdict, dataclass
-from typing import Optional
 
 import gymnasium as gym
 import numpy as np
@@ -40,7 +39,7 @@ ALGORITHM = "cql"
 
 @dataclass
 class Args:
-    exp_name: Optional[str] = None  # the run's experiment name; default: the script and variant (baq_cql-our-q, ...)
+    exp_name: str | None = None  # the run's experiment name; default: the script and variant (baq_cql-our-q, ...)
     env_id: str = "hopper-medium-v2"  # a D4RL name (hopper-medium-v2, ...) or a Minari id (baq/hopper/medium-v0)
     seed: int = 1  # seed of the experiment
     torch_deterministic: bool = True  # if toggled, `torch.backends.cudnn.deterministic=True`
@@ -50,13 +49,13 @@ class Args:
     runs_dir: str = "runs"  # where the run directories are created
     track: bool = False  # log to Weights & Biases (TensorBoard synced)
     wandb_project_name: str = "baq"  # the W&B project
-    wandb_entity: Optional[str] = None  # the W&B entity (team)
+    wandb_entity: str | None = None  # the W&B entity (team)
     # phases
     offline_steps: int = 1_000_000  # offline gradient updates (skipped with --offline-checkpoint)
     bc_steps: int = 100_000  # gradient updates of pi_BC (skipped with --bc-checkpoint)
     online_steps: int = 30_000  # online environment steps, one gradient update each
-    offline_checkpoint: Optional[str] = None  # an `offline.pt`: skips pretraining; fixes --reward-scale, --obs-norm-eps
-    bc_checkpoint: Optional[str] = None  # a `bc.pt` of this dataset: skips behavior cloning
+    offline_checkpoint: str | None = None  # an `offline.pt`: skips pretraining; fixes --reward-scale, --obs-norm-eps
+    bc_checkpoint: str | None = None  # a `bc.pt` of this dataset: skips behavior cloning
     # evaluation and logging
     eval_every: int = 5_000  # evaluate every this many online steps (and at step 0)
     offline_eval_every: int = 100_000  # evaluate every this many offline updates (0: at the end only)
@@ -68,22 +67,22 @@ class Args:
     tau: float = 0.005  # target network soft-update rate
     hidden_dim: int = 256  # width of every hidden layer
     obs_norm_eps: float = 1e-3  # added to the dataset's observation std
-    reward_scale: Optional[float] = 1.0  # multiplies every reward (CORL's CQL: 1); None: 1000 / (max - min return)
+    reward_scale: float | None = 1.0  # multiplies every reward (CORL's CQL: 1); None: 1000 / (max - min return)
     bc_lr: float = 3e-4  # learning rate of pi_BC
     # CQL
     actor_lr: float = 3e-5  # actor learning rate (also the entropy temperature's)
     critic_lr: float = 3e-4  # twin Q learning rate
     cql_alpha: float = 10.0  # weight of the conservative penalty (Eq. 3's alpha with CORL's mean-squared TD term)
-    online_cql_alpha: Optional[float] = None  # weight of the conservative penalty online; default: --cql-alpha
+    online_cql_alpha: float | None = None  # weight of the conservative penalty online; default: --cql-alpha
     cql_n_actions: int = 10  # sampled actions per state in each of the penalty's three action sets
     cql_temperature: float = 1.0  # temperature of the penalty's log-sum-exp
-    target_entropy: Optional[float] = None  # entropy target of the temperature tuning; default: -|A|
+    target_entropy: float | None = None  # entropy target of the temperature tuning; default: -|A|
     # BAQ
     weighted_loss: bool = True  # weight the Bellman term of the critic loss by w(s,a) (Eqs. 6, 7); alone: Our-Q
     priority_sampling: bool = True  # sample transitions proportionally to rho (Eq. 10); alone: Our-S
-    kq: Optional[float] = None  # k_q of Eq. 6; default: the offline mean of mean((pi_BC(s)-a)^2)
+    kq: float | None = None  # k_q of Eq. 6; default: the offline mean of mean((pi_BC(s)-a)^2)
     kq_scale: float = 1.0  # multiplies k_q (> 1 weakens the weight)
-    krho: Optional[float] = None  # k_rho of Eq. 10; default: the offline mean of ||pi_BC(s)-a||
+    krho: float | None = None  # k_rho of Eq. 10; default: the offline mean of ||pi_BC(s)-a||
     priority_alpha: float = 1.0  # alpha of Eq. 10 (0: uniform sampling)
     offline_priorities: bool = False  # Eq. 10 for offline data too ("each transition"); default: "a new transition"
     # the adaptive behavior constraint of the later paper (off: the paper's Table 1 method)
@@ -676,7 +675,7 @@ def keep_freed_memory():
 RUN = {}  # the run directory and its TensorBoard writer once they exist: read by stop_on_interrupt
 
 
-def open_writer(run_dir: str, args, purge_step: Optional[int] = None):
+def open_writer(run_dir: str, args, purge_step: int | None = None):
     """The run's TensorBoard writer, synced to Weights & Biases with --track (CleanRL's way)."""
     if args.track:
         import wandb

@@ -24,7 +24,6 @@ import signal
 import sys
 import time
 from dataclasses import asdict, dataclass
-from typing import Optional
 
 import gymnasium as gym
 import numpy as np
@@ -39,7 +38,7 @@ ALGORITHM = "iql"
 
 @dataclass
 class Args:
-    exp_name: Optional[str] = None  # the run's experiment name; default: the script and variant (baq_iql-our-q, ...)
+    exp_name: str | None = None  # the run's experiment name; default: the script and variant (baq_iql-our-q, ...)
     env_id: str = "hopper-medium-v2"  # a D4RL name (hopper-medium-v2, ...) or a Minari id (baq/hopper/medium-v0)
     seed: int = 1  # seed of the experiment
     torch_deterministic: bool = True  # if toggled, `torch.backends.cudnn.deterministic=True`
@@ -49,13 +48,13 @@ class Args:
     runs_dir: str = "runs"  # where the run directories are created
     track: bool = False  # log to Weights & Biases (TensorBoard synced)
     wandb_project_name: str = "baq"  # the W&B project
-    wandb_entity: Optional[str] = None  # the W&B entity (team)
+    wandb_entity: str | None = None  # the W&B entity (team)
     # phases
     offline_steps: int = 1_000_000  # offline gradient updates (skipped with --offline-checkpoint)
     bc_steps: int = 100_000  # gradient updates of pi_BC (skipped with --bc-checkpoint)
     online_steps: int = 30_000  # online environment steps, one gradient update each
-    offline_checkpoint: Optional[str] = None  # an `offline.pt`: skips pretraining; fixes --reward-scale, --obs-norm-eps
-    bc_checkpoint: Optional[str] = None  # a `bc.pt` of this dataset: skips behavior cloning
+    offline_checkpoint: str | None = None  # an `offline.pt`: skips pretraining; fixes --reward-scale, --obs-norm-eps
+    bc_checkpoint: str | None = None  # a `bc.pt` of this dataset: skips behavior cloning
     # evaluation and logging
     eval_every: int = 5_000  # evaluate every this many online steps (and at step 0)
     offline_eval_every: int = 100_000  # evaluate every this many offline updates (0: at the end only)
@@ -67,7 +66,7 @@ class Args:
     tau: float = 0.005  # target network soft-update rate
     hidden_dim: int = 256  # width of every hidden layer
     obs_norm_eps: float = 1e-3  # added to the dataset's observation std
-    reward_scale: Optional[float] = None  # multiplies every reward; default: 1000 / (max - min episode return), as IQL
+    reward_scale: float | None = None  # multiplies every reward; default: 1000 / (max - min episode return), as IQL
     bc_lr: float = 3e-4  # learning rate of pi_BC
     # IQL
     expectile: float = 0.7  # expectile tau of the value loss (Eq. 4)
@@ -79,9 +78,9 @@ class Args:
     # BAQ
     weighted_loss: bool = True  # weight the critic losses by w(s,a) (Eqs. 6, 8, 9); alone: Our-Q
     priority_sampling: bool = True  # sample transitions proportionally to rho (Eq. 10); alone: Our-S
-    kq: Optional[float] = None  # k_q of Eq. 6; default: the offline mean of mean((pi_BC(s)-a)^2)
+    kq: float | None = None  # k_q of Eq. 6; default: the offline mean of mean((pi_BC(s)-a)^2)
     kq_scale: float = 1.0  # multiplies k_q (> 1 weakens the weight)
-    krho: Optional[float] = None  # k_rho of Eq. 10; default: the offline mean of ||pi_BC(s)-a||
+    krho: float | None = None  # k_rho of Eq. 10; default: the offline mean of ||pi_BC(s)-a||
     priority_alpha: float = 1.0  # alpha of Eq. 10 (0: uniform sampling)
     offline_priorities: bool = False  # Eq. 10 for offline data too ("each transition"); default: "a new transition"
     # the adaptive behavior constraint of the later paper (off: the paper's Table 1 method)
@@ -604,7 +603,7 @@ def seed_and_pick_device(args):
 RUN = {}  # the run directory and its TensorBoard writer once they exist: read by stop_on_interrupt
 
 
-def open_writer(run_dir: str, args, purge_step: Optional[int] = None):
+def open_writer(run_dir: str, args, purge_step: int | None = None):
     """The run's TensorBoard writer, synced to Weights & Biases with --track (CleanRL's way)."""
     if args.track:
         import wandb

@@ -18,7 +18,6 @@ import signal
 import sys
 import time
 from dataclasses import asdict, dataclass
-from typing import Optional
 
 import gymnasium as gym
 import numpy as np
@@ -40,9 +39,9 @@ class Args:
     runs_dir: str = "runs"  # directory under which the run directory (TensorBoard events and checkpoints) is created
     track: bool = False  # log to Weights & Biases (TensorBoard synced)
     wandb_project_name: str = "baq"  # the W&B project
-    wandb_entity: Optional[str] = None  # the W&B entity (team)
+    wandb_entity: str | None = None  # the W&B entity (team)
     bc_steps: int = 100_000  # gradient updates of pi_BC (0 leaves pi_BC at its random initialization)
-    offline_checkpoint: Optional[str] = None  # an IQL or CQL `offline.pt` of this dataset: also plot Figure 1
+    offline_checkpoint: str | None = None  # an IQL or CQL `offline.pt` of this dataset: also plot Figure 1
     eval_episodes: int = 10  # deterministic episodes of the BC policy's evaluation
     log_every: int = 1_000  # write the BC loss every this many updates (averaged over them)
     figure_points: int = 2_000  # transitions drawn per Figure 1 panel (the MSEs use every transition)
@@ -317,7 +316,7 @@ def seed_and_pick_device(args):
 RUN = {}  # the run directory and its TensorBoard writer once they exist: read by stop_on_interrupt
 
 
-def open_writer(run_dir: str, args, purge_step: Optional[int] = None):
+def open_writer(run_dir: str, args, purge_step: int | None = None):
     """The run's TensorBoard writer, synced to Weights & Biases with --track (CleanRL's way)."""
     if args.track:
         import wandb

@@ -18,7 +18,7 @@ import signal
 import sys
 import time
 from dataclasses import asdict, dataclass, fields
-from typing import Literal, Optional
+from typing import Literal
 
 import gymnasium as gym
 import numpy as np
@@ -42,13 +42,13 @@ class Args:
     runs_dir: str = "runs"  # directory under which the run directory (TensorBoard events and checkpoints) is created
     track: bool = False  # log to Weights & Biases (TensorBoard synced)
     wandb_project_name: str = "baq"  # the W&B project
-    wandb_entity: Optional[str] = None  # the W&B entity (team)
+    wandb_entity: str | None = None  # the W&B entity (team)
     offline_steps: int = 1_000_000  # offline gradient updates
     offline_eval_every: int = 100_000  # evaluate every this many offline updates (0: only at the end)
     eval_episodes: int = 10  # deterministic episodes per evaluation
     log_every: int = 1_000  # write losses every this many updates (averaged over them)
     checkpoint_every: int = 50_000  # write the resumable checkpoint `resume.pt` every this many updates (0: never)
-    resume: Optional[str] = None  # a `resume.pt`: continue that run exactly, with its own arguments
+    resume: str | None = None  # a `resume.pt`: continue that run exactly, with its own arguments
     stop_after: int = 0  # write `resume.pt` and stop after this many updates (0: run to --offline-steps)
     # shared hyperparameters (as in baq_iql.py and baq_cql.py)
     batch_size: int = 256  # batch size of every gradient update
@@ -56,8 +56,8 @@ class Args:
     tau: float = 0.005  # target network soft-update rate, in (0, 1]
     hidden_dim: int = 256  # width of every hidden layer
     obs_norm_eps: float = 1e-3  # added to the dataset's observation std for state normalization
-    reward_scale: Optional[float] = None  # multiplies every reward; default: IQL 1000 / (max - min return), CQL 1
-    actor_lr: Optional[float] = None  # actor lr; default: IQL 3e-4 (cosine-decayed), CQL 3e-5 (also the temperature's)
+    reward_scale: float | None = None  # multiplies every reward; default: IQL 1000 / (max - min return), CQL 1
+    actor_lr: float | None = None  # actor lr; default: IQL 3e-4 (cosine-decayed), CQL 3e-5 (also the temperature's)
     critic_lr: float = 3e-4  # twin Q learning rate
     # IQL
     expectile: float = 0.7  # expectile tau of the value loss (Eq. 4), in (0, 1)
@@ -68,7 +68,7 @@ class Args:
     cql_alpha: float = 10.0  # weight of the conservative penalty (Eq. 3's alpha with CORL's mean-squared TD term)
     cql_n_actions: int = 10  # actions per state in each of the penalty's sets (uniform, pi(.|s), pi(.|s'))
     cql_temperature: float = 1.0  # temperature of the penalty's log-sum-exp
-    target_entropy: Optional[float] = None  # entropy target of the automatic temperature tuning (default: -|A|)
+    target_entropy: float | None = None  # entropy target of the automatic temperature tuning (default: -|A|)
 
     def __post_init__(self):
         check_flags(self)
@@ -627,7 +627,7 @@ def keep_freed_memory():
 RUN = {}  # the run directory and its TensorBoard writer once they exist: read by stop_on_interrupt
 
 
-def open_writer(run_dir: str, args, purge_step: Optional[int] = None):
+def open_writer(run_dir: str, args, purge_step: int | None = None):
     """The run's TensorBoard writer, synced to Weights & Biases with --track (CleanRL's way)."""
     if args.track:
         import wandb
@@ -821,7 +821,7 @@ def load_checkpoint(path: str, flag: str, kind: str, algorithms: tuple, context:
 
 
 # --- resuming an interrupted run exactly --------------------------------------------------------
-def resumed_args(args, args_class, method: Optional[str]):
+def resumed_args(args, args_class, method: str | None):
     """--resume: its checkpoint and the run's own arguments; of this command's flags only --resume,
     --stop-after and --cuda apply (a note names the others)."""
     kept = ("resume", "stop_after", "cuda")

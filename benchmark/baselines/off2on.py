@@ -24,7 +24,6 @@ import signal
 import sys
 import time
 from dataclasses import asdict, dataclass
-from typing import Optional
 
 import gymnasium as gym
 import numpy as np
@@ -39,7 +38,7 @@ from tqdm import tqdm
 class Args:
     offline_checkpoint: str
     """the CQL `offline.pt` to fine-tune (offline_pretrain.py --algo cql, or the offline phase of baq_cql.py)"""
-    exp_name: Optional[str] = None  # the experiment's name in the run directory; default: off2on_cql
+    exp_name: str | None = None  # the experiment's name in the run directory; default: off2on_cql
     env_id: str = "hopper-medium-v2"  # the offline dataset of the checkpoint (a D4RL name or a Minari id)
     seed: int = 1  # seed of the experiment (python, numpy, torch, environments, replay sampling)
     torch_deterministic: bool = True  # if toggled, `torch.backends.cudnn.deterministic=True`
@@ -49,7 +48,7 @@ class Args:
     runs_dir: str = "runs"  # directory under which the run directory (TensorBoard events and checkpoints) is created
     track: bool = False  # log to Weights & Biases (TensorBoard synced)
     wandb_project_name: str = "baq"  # the W&B project
-    wandb_entity: Optional[str] = None  # the W&B entity (team)
+    wandb_entity: str | None = None  # the W&B entity (team)
     online_steps: int = 30_000  # online environment steps of fine-tuning (the paper's Table 1 budget)
     eval_every: int = 5_000  # evaluate every this many online steps (and at online step 0, the offline policy)
     eval_episodes: int = 10  # deterministic episodes per evaluation
@@ -64,7 +63,7 @@ class Args:
     hidden_dim: int = 256  # width of every hidden layer (must match the checkpoint's)
     actor_lr: float = 3e-5  # actor learning rate (also the entropy temperature's; baq_cql.py's)
     critic_lr: float = 3e-4  # twin Q learning rate
-    target_entropy: Optional[float] = None  # entropy target of the automatic temperature tuning (default: -|A|)
+    target_entropy: float | None = None  # entropy target of the automatic temperature tuning (default: -|A|)
 
     def __post_init__(self):
         check_flags(self)
@@ -521,7 +520,7 @@ def seed_and_pick_device(args):
 RUN = {}  # the run directory and its TensorBoard writer once they exist: read by stop_on_interrupt
 
 
-def open_writer(run_dir: str, args, purge_step: Optional[int] = None):
+def open_writer(run_dir: str, args, purge_step: int | None = None):
     """The run's TensorBoard writer, synced to Weights & Biases with --track (CleanRL's way)."""
     if args.track:
         import wandb

@@ -26,7 +26,7 @@ import signal
 import sys
 import time
 from dataclasses import asdict, dataclass, fields
-from typing import Literal, Optional
+from typing import Literal
 
 import gymnasium as gym
 import numpy as np
@@ -39,9 +39,9 @@ from tqdm import tqdm
 
 @dataclass
 class Args:
-    offline_checkpoint: Optional[str] = None  # the `offline.pt` to fine-tune; required unless --resume
-    algo: Optional[Literal["iql", "cql"]] = None  # the backbone; default: the checkpoint's (given, it must match)
-    exp_name: Optional[str] = None  # the experiment's name in the run directory; default: so2_iql or so2_cql
+    offline_checkpoint: str | None = None  # the `offline.pt` to fine-tune; required unless --resume
+    algo: Literal["iql", "cql"] | None = None  # the backbone; default: the checkpoint's (given, it must match)
+    exp_name: str | None = None  # the experiment's name in the run directory; default: so2_iql or so2_cql
     env_id: str = "hopper-medium-v2"  # the offline dataset of the checkpoint (a D4RL name or a Minari id)
     seed: int = 1  # seed of the experiment (python, numpy, torch, environments, replay sampling)
     torch_deterministic: bool = True  # if toggled, `torch.backends.cudnn.deterministic=True`
@@ -51,13 +51,13 @@ class Args:
     runs_dir: str = "runs"  # directory under which the run directory (TensorBoard events and checkpoints) is created
     track: bool = False  # log to Weights & Biases (TensorBoard synced)
     wandb_project_name: str = "baq"  # the W&B project
-    wandb_entity: Optional[str] = None  # the W&B entity (team)
+    wandb_entity: str | None = None  # the W&B entity (team)
     online_steps: int = 30_000  # online environment steps of fine-tuning (the paper's Table 1 budget)
     eval_every: int = 5_000  # evaluate every this many online steps (and at online step 0, the offline policy)
     eval_episodes: int = 10  # deterministic episodes per evaluation
     log_every: int = 1_000  # write losses every this many online steps (averaged over the updates in between)
     checkpoint_every: int = 5_000  # write `resume.pt` at the first episode end after every this many steps (0: never)
-    resume: Optional[str] = None  # a `resume.pt` of this script: continue that run exactly, with its own arguments
+    resume: str | None = None  # a `resume.pt` of this script: continue that run exactly, with its own arguments
     stop_after: int = 0  # write `resume.pt` and stop at an episode end after this many online steps (0: never)
     # SO2
     critic_updates: int = 10  # critic updates per env step (SO2's update-to-data ratio); the actor's: one
@@ -68,13 +68,13 @@ class Args:
     gamma: float = 0.99  # discount factor, in [0, 1)
     tau: float = 0.005  # target network soft-update rate, in (0, 1]
     hidden_dim: int = 256  # width of every hidden layer (must match the checkpoint's)
-    actor_lr: Optional[float] = None  # actor lr; default: IQL 3e-4, CQL 3e-5 (also the entropy temperature's)
+    actor_lr: float | None = None  # actor lr; default: IQL 3e-4, CQL 3e-5 (also the entropy temperature's)
     critic_lr: float = 3e-4  # twin Q learning rate
     value_lr: float = 3e-4  # IQL: V learning rate
     expectile: float = 0.7  # IQL: expectile tau of the value loss (Eq. 4), in (0, 1)
     beta: float = 3.0  # IQL: inverse temperature of the advantage-weighted regression
     exp_adv_max: float = 100.0  # IQL: clip of exp(beta * advantage)
-    target_entropy: Optional[float] = None  # CQL: entropy target of the automatic temperature tuning (default: -|A|)
+    target_entropy: float | None = None  # CQL: entropy target of the automatic temperature tuning (default: -|A|)
 
     def __post_init__(self):
         check_flags(self)
@@ -576,7 +576,7 @@ def seed_and_pick_device(args):
 RUN = {}  # the run directory and its TensorBoard writer once they exist: read by stop_on_interrupt
 
 
-def open_writer(run_dir: str, args, purge_step: Optional[int] = None):
+def open_writer(run_dir: str, args, purge_step: int | None = None):
     """The run's TensorBoard writer, synced to Weights & Biases with --track (CleanRL's way)."""
     if args.track:
         import wandb
@@ -770,7 +770,7 @@ def load_checkpoint(path: str, flag: str, kind: str, algorithms: tuple, context:
 
 
 # --- resuming an interrupted run exactly --------------------------------------------------------
-def resumed_args(args, args_class, method: Optional[str]):
+def resumed_args(args, args_class, method: str | None):
     """--resume: its checkpoint and the run's own arguments; of this command's flags only --resume,
     --stop-after and --cuda apply (a note names the others)."""
     kept = ("resume", "stop_after", "cuda")
