@@ -32,11 +32,11 @@ from tqdm import tqdm
 class Args:
     exp_name: str = os.path.basename(__file__)[: -len(".py")]  # the experiment's name in the run directory
     env_id: str = "hopper-medium-v2"  # a D4RL name (hopper-medium-v2, ...) or a Minari id (baq/hopper/medium-v0)
-    seed: int = 1  # seed of the experiment (python, numpy, torch, environments, replay sampling)
+    seed: int = 1  # seed of the experiment
     torch_deterministic: bool = True  # if toggled, `torch.backends.cudnn.deterministic=True`
-    cuda: bool = True  # use CUDA when it is available (otherwise the CPU, with a one-line note)
+    cuda: bool = True  # use CUDA when it is available
     threads: int = 0  # torch threads (0: one per core; 1 when other jobs share the cores)
-    runs_dir: str = "runs"  # directory under which the run directory (TensorBoard events and checkpoints) is created
+    runs_dir: str = "runs"  # where the run directories are created
     track: bool = False  # log to Weights & Biases (TensorBoard synced)
     wandb_project_name: str = "baq"  # the W&B project
     wandb_entity: str | None = None  # the W&B entity (team)
@@ -47,7 +47,7 @@ class Args:
     figure_points: int = 2_000  # transitions drawn per Figure 1 panel (the MSEs use every transition)
     batch_size: int = 256  # batch size of every gradient update
     hidden_dim: int = 256  # width of every hidden layer
-    obs_norm_eps: float = 1e-3  # added to the dataset's observation std for state normalization
+    obs_norm_eps: float = 1e-3  # added to the dataset's observation std
     bc_lr: float = 3e-4  # learning rate of pi_BC
 
     def __post_init__(self):

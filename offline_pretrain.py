@@ -34,12 +34,12 @@ class Args:
     algo: Literal["iql", "cql"] = "iql"  # the offline algorithm: the offline phase of baq_iql.py or of baq_cql.py
     exp_name: str = os.path.basename(__file__)[: -len(".py")]  # the experiment's name in the run directory
     env_id: str = "hopper-medium-v2"  # a D4RL name (hopper-medium-v2, ...) or a Minari id (baq/hopper/medium-v0)
-    seed: int = 1  # seed of the experiment (python, numpy, torch, environments, replay sampling)
+    seed: int = 1  # seed of the experiment
     torch_deterministic: bool = True  # if toggled, `torch.backends.cudnn.deterministic=True`
-    cuda: bool = True  # use CUDA when it is available (otherwise the CPU, with a one-line note)
+    cuda: bool = True  # use CUDA when it is available
     compile: bool = True  # torch.compile the losses
     threads: int = 0  # torch threads (0: one per core; 1 when other jobs share the cores)
-    runs_dir: str = "runs"  # directory under which the run directory (TensorBoard events and checkpoints) is created
+    runs_dir: str = "runs"  # where the run directories are created
     track: bool = False  # log to Weights & Biases (TensorBoard synced)
     wandb_project_name: str = "baq"  # the W&B project
     wandb_entity: str | None = None  # the W&B entity (team)
@@ -52,15 +52,15 @@ class Args:
     stop_after: int = 0  # write `resume.pt` and stop after this many updates (0: run to --offline-steps)
     # shared hyperparameters (as in baq_iql.py and baq_cql.py)
     batch_size: int = 256  # batch size of every gradient update
-    gamma: float = 0.99  # discount factor, in [0, 1)
-    tau: float = 0.005  # target network soft-update rate, in (0, 1]
+    gamma: float = 0.99  # discount factor
+    tau: float = 0.005  # target network soft-update rate
     hidden_dim: int = 256  # width of every hidden layer
-    obs_norm_eps: float = 1e-3  # added to the dataset's observation std for state normalization
+    obs_norm_eps: float = 1e-3  # added to the dataset's observation std
     reward_scale: float | None = None  # multiplies every reward; default: IQL 1000 / (max - min return), CQL 1
     actor_lr: float | None = None  # actor lr; default: IQL 3e-4 (cosine-decayed), CQL 3e-5 (also the temperature's)
     critic_lr: float = 3e-4  # twin Q learning rate
     # IQL
-    expectile: float = 0.7  # expectile tau of the value loss (Eq. 4), in (0, 1)
+    expectile: float = 0.7  # expectile tau of the value loss (Eq. 4)
     beta: float = 3.0  # inverse temperature of IQL's advantage-weighted regression
     exp_adv_max: float = 100.0  # clip of exp(beta * advantage)
     value_lr: float = 3e-4  # V learning rate

@@ -40,12 +40,12 @@ class Args:
     """the CQL `offline.pt` to fine-tune (offline_pretrain.py --algo cql, or the offline phase of baq_cql.py)"""
     exp_name: str | None = None  # the experiment's name in the run directory; default: off2on_cql
     env_id: str = "hopper-medium-v2"  # the offline dataset of the checkpoint (a D4RL name or a Minari id)
-    seed: int = 1  # seed of the experiment (python, numpy, torch, environments, replay sampling)
+    seed: int = 1  # seed of the experiment
     torch_deterministic: bool = True  # if toggled, `torch.backends.cudnn.deterministic=True`
-    cuda: bool = True  # use CUDA when it is available (otherwise the CPU, with a one-line note)
+    cuda: bool = True  # use CUDA when it is available
     compile: bool = False  # torch.compile the critic and actor losses
-    threads: int = 0  # torch threads (0: torch's default, one per core); give 1 when other jobs share the cores
-    runs_dir: str = "runs"  # directory under which the run directory (TensorBoard events and checkpoints) is created
+    threads: int = 0  # torch threads (0: one per core; 1 when other jobs share the cores)
+    runs_dir: str = "runs"  # where the run directories are created
     track: bool = False  # log to Weights & Biases (TensorBoard synced)
     wandb_project_name: str = "baq"  # the W&B project
     wandb_entity: str | None = None  # the W&B entity (team)
@@ -58,8 +58,8 @@ class Args:
     priority_temperature: float = 5.0  # T of p = w^(1/T) / mean_offline(w^(1/T))
     # the backbone's hyperparameters (the BAQ scripts' defaults)
     batch_size: int = 256  # batch size of every gradient update
-    gamma: float = 0.99  # discount factor, in [0, 1)
-    tau: float = 0.005  # target network soft-update rate, in (0, 1]
+    gamma: float = 0.99  # discount factor
+    tau: float = 0.005  # target network soft-update rate
     hidden_dim: int = 256  # width of every hidden layer (must match the checkpoint's)
     actor_lr: float = 3e-5  # actor learning rate (also the entropy temperature's; baq_cql.py's)
     critic_lr: float = 3e-4  # twin Q learning rate

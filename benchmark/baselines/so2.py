@@ -43,12 +43,12 @@ class Args:
     algo: Literal["iql", "cql"] | None = None  # the backbone; default: the checkpoint's (given, it must match)
     exp_name: str | None = None  # the experiment's name in the run directory; default: so2_iql or so2_cql
     env_id: str = "hopper-medium-v2"  # the offline dataset of the checkpoint (a D4RL name or a Minari id)
-    seed: int = 1  # seed of the experiment (python, numpy, torch, environments, replay sampling)
+    seed: int = 1  # seed of the experiment
     torch_deterministic: bool = True  # if toggled, `torch.backends.cudnn.deterministic=True`
-    cuda: bool = True  # use CUDA when it is available (otherwise the CPU, with a one-line note)
+    cuda: bool = True  # use CUDA when it is available
     compile: bool = False  # torch.compile the critic and actor losses
-    threads: int = 0  # torch threads (0: torch's default, one per core); give 1 when other jobs share the cores
-    runs_dir: str = "runs"  # directory under which the run directory (TensorBoard events and checkpoints) is created
+    threads: int = 0  # torch threads (0: one per core; 1 when other jobs share the cores)
+    runs_dir: str = "runs"  # where the run directories are created
     track: bool = False  # log to Weights & Biases (TensorBoard synced)
     wandb_project_name: str = "baq"  # the W&B project
     wandb_entity: str | None = None  # the W&B entity (team)
@@ -65,13 +65,13 @@ class Args:
     target_noise_clip: float = 0.6  # the noise is clipped to [-c, c] (units of the action bound)
     # the backbone's hyperparameters (the BAQ scripts' defaults)
     batch_size: int = 256  # batch size of every gradient update
-    gamma: float = 0.99  # discount factor, in [0, 1)
-    tau: float = 0.005  # target network soft-update rate, in (0, 1]
+    gamma: float = 0.99  # discount factor
+    tau: float = 0.005  # target network soft-update rate
     hidden_dim: int = 256  # width of every hidden layer (must match the checkpoint's)
     actor_lr: float | None = None  # actor lr; default: IQL 3e-4, CQL 3e-5 (also the entropy temperature's)
     critic_lr: float = 3e-4  # twin Q learning rate
     value_lr: float = 3e-4  # IQL: V learning rate
-    expectile: float = 0.7  # IQL: expectile tau of the value loss (Eq. 4), in (0, 1)
+    expectile: float = 0.7  # IQL: expectile tau of the value loss (Eq. 4)
     beta: float = 3.0  # IQL: inverse temperature of the advantage-weighted regression
     exp_adv_max: float = 100.0  # IQL: clip of exp(beta * advantage)
     target_entropy: float | None = None  # CQL: entropy target of the automatic temperature tuning (default: -|A|)
