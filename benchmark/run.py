@@ -255,6 +255,8 @@ def die_with_parent():
 
 def run_on_worker(job: Job, threads: int, use_gpu: bool, progress, *needs_results) -> dict:
     """One Ray task: the local launcher's command for `job`, run to its end on whichever node Ray chose."""
+    import ray
+
     if any(result["status"] != "done" for result in needs_results):
         return {"status": "skipped"}
     try:
@@ -266,18 +268,24 @@ def run_on_worker(job: Job, threads: int, use_gpu: bool, progress, *needs_result
     environment = run_environment(threads)
     if not use_gpu:
         environment["CUDA_VISIBLE_DEVICES"] = ""  # no GPU reserved for this run: it must not use one
-    progress.started.remote(job.name)
+    if ray.get(progress.started.remote(job.name)):  # the grid was interrupted before this run could start
+        return {"status": "interrupted"}
     started = time.time()
     with open(os.path.join(job.directory, "log.txt"), "a") as log:
         process = subprocess.Popen(prepare(job), stdout=log, stderr=subprocess.STDOUT, env=environment, cwd=ROOT,
                                    preexec_fn=die_with_parent)
         try:
-            returncode = process.wait()
-        except KeyboardInterrupt:  # ray.cancel: stop the run, keep what it saved
-            process.terminate()
-            process.wait()
-            raise
-        finally:
+            while True:
+                try:
+                    returncode = process.wait(timeout=2)
+                    break
+                except subprocess.TimeoutExpired:
+                    if ray.get(progress.halted.remote()):  # the grid's Ctrl-C
+                        return {"status": "interrupted"}
+        finally:  # interrupted, or a ray.cancel (KeyboardInterrupt here): stop the run, keep what it saved
+            if process.poll() is None:
+                process.terminate()
+                process.wait()
             progress.stopped.remote(job.name)
     status = "done" if returncode == 0 and job.finished() else "failed"
     return {"status": status, "returncode": returncode, "minutes": (time.time() - started) / 60,
@@ -319,11 +327,21 @@ def schedule_on_ray(args: Args, pending, failed, skipped, start_time):
 
     @ray.remote(num_cpus=0)
     class Progress:
+        """The running runs, and the grid's stop: tasks poll it, as ray.cancel races with a task that is ending."""
+
         def __init__(self):
-            self.running = set()
+            self.running, self.halt = set(), False
 
         def started(self, name):
-            self.running.add(name)
+            if not self.halt:
+                self.running.add(name)
+            return self.halt
+
+        def halted(self):
+            return self.halt
+
+        def stop(self):
+            self.halt = True
 
         def stopped(self, name):
             self.running.discard(name)
@@ -360,8 +378,7 @@ def schedule_on_ray(args: Args, pending, failed, skipped, start_time):
                       f"{len(skipped)} skipped, {len(tasks)} left", flush=True)
                 last_report = time.time()
     except KeyboardInterrupt:
-        for ref in tasks:
-            ray.cancel(ref)  # the task stops its run (KeyboardInterrupt in the task)
+        progress.stop.remote()  # each task stops its run within seconds
         ray.wait(list(tasks), num_returns=len(tasks), timeout=30)
         raise
     finally:
