@@ -196,11 +196,6 @@ class GaussianPolicy(nn.Module):
         z = (actions - self(obs)) * torch.exp(-log_std)
         return (-0.5 * z.pow(2) - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
 
-    def sample(self, obs):
-        mean = self(obs)
-        action = mean + torch.randn_like(mean) * self.log_std.clamp(-20.0, 2.0).exp()
-        return action.clamp(-self.max_action, self.max_action)
-
 
 class EnsembleLinear(nn.Module):
     """`size` independent linear layers evaluated as one batched matrix product."""
@@ -320,7 +315,11 @@ class IQL(ActorCritic):
 
     @torch.no_grad()
     def act(self, obs, deterministic: bool):
-        return self.actor(obs) if deterministic else self.actor.sample(obs)
+        mean = self.actor(obs)
+        if deterministic:
+            return mean
+        action = mean + torch.randn_like(mean) * self.actor.log_std.clamp(-20.0, 2.0).exp()
+        return action.clamp(-self.actor.max_action, self.actor.max_action)
 
 
 Agent = IQL

@@ -111,11 +111,6 @@ class GaussianPolicy(nn.Module):
         z = (actions - self(obs)) * torch.exp(-log_std)
         return (-0.5 * z.pow(2) - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
 
-    def sample(self, obs):
-        mean = self(obs)
-        action = mean + torch.randn_like(mean) * self.log_std.clamp(-20.0, 2.0).exp()
-        return action.clamp(-self.max_action, self.max_action)
-
 
 class TanhGaussianActor(nn.Module):
     """CQL's actor, as CORL builds it: a = max_action * tanh(u), u ~ N(mean(s), std(s)), 3 hidden layers
