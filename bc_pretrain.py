@@ -5,8 +5,8 @@
 # offline-trained policy and of pi_BC lie from the dataset's actions.
 #
 # Definitions other scripts also have are identical text in all (tests/test_copies.py). Docs: docs/baq.md
+import atexit
 import contextlib
-import glob
 import hashlib
 import itertools
 import math
@@ -210,7 +210,13 @@ def plot_figure1(predictions: dict, actions, mse: dict, path: str, points: int, 
 
 # ===== The run: pi_BC, its evaluation, Figure 1 =============================================================
 def main(args: Args):
-    device = seed_and_pick_device(args)
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
 
     # --- data (as the fine-tuning scripts load it) --------------------------------------------
     data, context, make_env, ref_scores, max_action = load_offline_data(args.env_id)
@@ -220,7 +226,8 @@ def main(args: Args):
         args.offline_checkpoint, "--offline-checkpoint", "offline", ("iql", "cql"), context)
     obs_mean = data["observations"].mean(0)
     obs_std = data["observations"].std(0) + args.obs_norm_eps
-    context.update(obs_mean=torch.as_tensor(obs_mean), obs_std=torch.as_tensor(obs_std), reward_scale=None)  # no reward
+    context.update(obs_mean=torch.as_tensor(obs_mean), obs_std=torch.as_tensor(obs_std), obs_norm_eps=args.obs_norm_eps,
+                   reward_scale=None)  # no reward
 
     def normalize(obs):
         return (obs - obs_mean) / obs_std
@@ -298,28 +305,19 @@ def check_flags(args):
              f"folder): pass a writable folder.")
 
 
-def seed_and_pick_device(args):
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    torch.backends.cudnn.deterministic = args.torch_deterministic
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    return torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
-
-
-RUN = {}  # the run directory and its TensorBoard writer once they exist: read by stop_on_interrupt
+SAVED = {}  # path: kind of each checkpoint this run wrote, for the line a Ctrl-C prints
 
 
 def open_writer(run_dir: str, args, purge_step: int | None = None):
-    """The run's TensorBoard writer, synced to Weights & Biases with --track (CleanRL's way)."""
+    """The run's TensorBoard writer, closed at exit (Ctrl-C too), synced to Weights & Biases with --track."""
     if args.track:
         import wandb
 
         wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, name=os.path.basename(run_dir),
                    config=vars(args), sync_tensorboard=True, save_code=True, dir=run_dir)
-    RUN.update(run_dir=run_dir, writer=SummaryWriter(run_dir, purge_step=purge_step))
-    return RUN["writer"]
+    writer = SummaryWriter(run_dir, purge_step=purge_step)
+    atexit.register(writer.close)
+    return writer
 
 
 def start_run(args, description: str):
@@ -327,9 +325,8 @@ def start_run(args, description: str):
     name = f"{args.env_id.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}"
     os.makedirs(args.runs_dir, exist_ok=True)
     for attempt in itertools.count():
-        run_dir = os.path.join(args.runs_dir, f"{name}_{attempt}" if attempt else name)
         with contextlib.suppress(FileExistsError):
-            os.mkdir(run_dir)
+            os.mkdir(run_dir := os.path.join(args.runs_dir, f"{name}_{attempt}" if attempt else name))
             break
     writer = open_writer(run_dir, args)
     rows = "\n".join(f"|{key}|{value}|" for key, value in vars(args).items())
@@ -338,19 +335,11 @@ def start_run(args, description: str):
     return run_dir, writer
 
 
-def how_to_continue(saved: list) -> str:
-    return "the run had finished"
-
-
 def stop_on_interrupt():
-    """Ctrl-C or SIGTERM: keep what was logged, say in one line what was saved and how to continue, exit 130."""
-    if "writer" in RUN:
-        RUN["writer"].close()
-    saved = sorted(glob.glob(os.path.join(RUN["run_dir"], "*.pt"))) if RUN else []
-    hint = how_to_continue(saved) if saved else "nothing was saved yet, so rerun the command to start again"
-    print(f"\ninterrupted: saved {', '.join(saved) or 'no checkpoint'}; {hint}.", file=sys.stderr)
+    """Ctrl-C or SIGTERM: one line on what was saved, exit 130."""
+    print(f"\ninterrupted: saved {', '.join(SAVED) or 'nothing yet'}; rerun the command to start again.",
+          file=sys.stderr)
     raise SystemExit(130)
-
 
 # --- data: D4RL names and Minari ids, episodes to transitions, scores -------------------------
 D4RL_REF_SCORES = {  # (random, expert) returns of d4rl/infos.py, the same for every locomotion version
@@ -444,6 +433,7 @@ def save_checkpoint(path: str, kind: str, algorithm: str, state_dict: dict, cont
                "state_dict": state_dict, "args": asdict(args), **extra}
     torch.save(payload, f"{path}.tmp")
     os.replace(f"{path}.tmp", path)
+    SAVED[path] = kind
 
 
 def load_checkpoint(path: str, flag: str, kind: str, algorithms: tuple, context: dict) -> dict:
@@ -457,10 +447,11 @@ def load_checkpoint(path: str, flag: str, kind: str, algorithms: tuple, context:
     if checkpoint["kind"] != kind or checkpoint["algorithm"] not in algorithms:
         fail(f"{flag} {path!r} holds a checkpoint of kind {checkpoint['kind']!r} by {checkpoint['algorithm'].upper()}: "
              f"pass the `{kind}.pt` of an earlier {' or '.join(a.upper() for a in algorithms)} run.")
-    for key in ("dataset_id", "data_sha1", "obs_dim", "act_dim", "hidden_dim"):
+    for key in ("dataset_id", "data_sha1", "obs_dim", "act_dim", "hidden_dim", "obs_norm_eps"):
         if key in context and checkpoint.get(key) != context[key]:
-            fix = {"hidden_dim": f"pass --hidden-dim {checkpoint[key]}", "data_sha1": "the dataset was rebuilt or "
-                   "changed since: pass a checkpoint trained on it"}.get(key, "pass a checkpoint of this dataset")
+            fix = (f"pass --{key.replace('_', '-')} {checkpoint.get(key)}" if key in ("hidden_dim", "obs_norm_eps")
+                   else "the dataset was rebuilt or changed: pass a checkpoint trained on it" if key == "data_sha1"
+                   else "pass a checkpoint of this dataset")
             fail(f"{flag} {path!r} was made for {key} {checkpoint.get(key)!r}, this run has {context[key]!r}: {fix}, "
                  f"or drop {flag} to train it here.")
     return checkpoint

@@ -8,7 +8,7 @@ from conftest import ROOT
 
 # Definitions that are each script's own by design: its flags and their domains, its run, its algorithm's or
 # method's name, and how an interrupted run of it continues.
-SCRIPT_OWN = {"Args", "FLAG_DOMAINS", "main", "ALGORITHM", "Agent", "METHOD", "how_to_continue"}
+SCRIPT_OWN = {"Args", "FLAG_DOMAINS", "main", "ALGORITHM", "Agent", "METHOD", "stop_on_interrupt"}
 
 
 def script_paths():

@@ -75,12 +75,16 @@ def offline_run(minari_store, tmp_path_factory):
     return next(runs.iterdir())
 
 
-@pytest.mark.parametrize("flag, value", [("--reward-scale", "5"), ("--obs-norm-eps", "0.5")])
-def test_a_flag_the_checkpoint_fixes_is_refused_when_it_differs(run_script, offline_run, tmp_path, flag, value):
+@pytest.mark.parametrize("flag, value, words", [
+    ("--reward-scale", "5", ["--reward-scale 5.0 differs from the offline checkpoint's", "which fixes it"]),
+    ("--obs-norm-eps", "0.5", ["--offline-checkpoint", "was made for obs_norm_eps 0.001, this run has 0.5",
+                               "pass --obs-norm-eps 0.001"]),
+])
+def test_a_flag_the_checkpoint_fixes_is_refused_when_it_differs(run_script, offline_run, tmp_path, flag, value, words):
     """Issue 34, row 6: never silently replaced by the checkpoint's value while the records name the flag's."""
     result, run_dir = run_script("baq_iql.py", tmp_path / "runs", "--offline-checkpoint",
                                  str(offline_run / "offline.pt"), flag, value)
-    one_line_error(result, f"{flag} {float(value)} differs from the offline checkpoint's", "which fixes it")
+    one_line_error(result, *words)
     assert run_dir is None
 
 

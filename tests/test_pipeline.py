@@ -200,7 +200,7 @@ def test_bc_checkpoint_with_other_normalization_is_refused(full_run, run_script,
     result, _ = run_script(script, tmp_path / "runs", "--bc-checkpoint", str(first_dir / "bc.pt"),
                            "--obs-norm-eps", "0.5")
     assert result.returncode != 0 and "Traceback" not in result.stderr
-    assert "normalizes observations unlike this run" in result.stderr and "--obs-norm-eps" in result.stderr
+    assert "was made for obs_norm_eps 0.001, this run has 0.5: pass --obs-norm-eps 0.001" in result.stderr
 
 
 def test_runs_started_together_get_their_own_directories(minari_store, tmp_path):

@@ -11,8 +11,8 @@
 # tests/test_copies.py checks it), so Off2On's runs overlay BAQ's in TensorBoard and report.py reads them.
 #
 #   python benchmark/baselines/off2on.py --env-id baq/hopper/medium-v0 --offline-checkpoint runs/.../offline.pt
+import atexit
 import contextlib
-import glob
 import hashlib
 import itertools
 import math
@@ -393,13 +393,19 @@ def log_evaluation(writer, prefix: str, step: int, ref_scores, returns, q_bias: 
 
 # ===== The run: Off2On fine-tuning online from the CQL checkpoint ===========================================
 def main(args: Args):
-    device = seed_and_pick_device(args)
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
     data, context, make_env, ref_scores, max_action = load_offline_data(args.env_id)
     obs_dim, act_dim, n_offline = context["obs_dim"], context["act_dim"], len(data["rewards"])
     context["hidden_dim"] = args.hidden_dim
     checkpoint = load_checkpoint(args.offline_checkpoint, "--offline-checkpoint", "offline", ("cql",), context)
     args.exp_name = args.exp_name or f"{METHOD}_cql"
-    obs_mean, obs_std, reward_scale = data_statistics(data, args, checkpoint, None)
+    obs_mean, obs_std, reward_scale = data_statistics(data, args, checkpoint)
     context.update(obs_mean=torch.as_tensor(obs_mean), obs_std=torch.as_tensor(obs_std), reward_scale=reward_scale)
 
     def normalize(obs):
@@ -507,28 +513,19 @@ def check_flags(args):
              f"folder): pass a writable folder.")
 
 
-def seed_and_pick_device(args):
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    torch.backends.cudnn.deterministic = args.torch_deterministic
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    return torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
-
-
-RUN = {}  # the run directory and its TensorBoard writer once they exist: read by stop_on_interrupt
+SAVED = {}  # path: kind of each checkpoint this run wrote, for the line a Ctrl-C prints
 
 
 def open_writer(run_dir: str, args, purge_step: int | None = None):
-    """The run's TensorBoard writer, synced to Weights & Biases with --track (CleanRL's way)."""
+    """The run's TensorBoard writer, closed at exit (Ctrl-C too), synced to Weights & Biases with --track."""
     if args.track:
         import wandb
 
         wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, name=os.path.basename(run_dir),
                    config=vars(args), sync_tensorboard=True, save_code=True, dir=run_dir)
-    RUN.update(run_dir=run_dir, writer=SummaryWriter(run_dir, purge_step=purge_step))
-    return RUN["writer"]
+    writer = SummaryWriter(run_dir, purge_step=purge_step)
+    atexit.register(writer.close)
+    return writer
 
 
 def start_run(args, description: str):
@@ -536,9 +533,8 @@ def start_run(args, description: str):
     name = f"{args.env_id.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}"
     os.makedirs(args.runs_dir, exist_ok=True)
     for attempt in itertools.count():
-        run_dir = os.path.join(args.runs_dir, f"{name}_{attempt}" if attempt else name)
         with contextlib.suppress(FileExistsError):
-            os.mkdir(run_dir)
+            os.mkdir(run_dir := os.path.join(args.runs_dir, f"{name}_{attempt}" if attempt else name))
             break
     writer = open_writer(run_dir, args)
     rows = "\n".join(f"|{key}|{value}|" for key, value in vars(args).items())
@@ -547,28 +543,19 @@ def start_run(args, description: str):
     return run_dir, writer
 
 
-def how_to_continue(saved: list) -> str:
-    return "the run had finished"
-
-
 def stop_on_interrupt():
-    """Ctrl-C or SIGTERM: keep what was logged, say in one line what was saved and how to continue, exit 130."""
-    if "writer" in RUN:
-        RUN["writer"].close()
-    saved = sorted(glob.glob(os.path.join(RUN["run_dir"], "*.pt"))) if RUN else []
-    hint = how_to_continue(saved) if saved else "nothing was saved yet, so rerun the command to start again"
-    print(f"\ninterrupted: saved {', '.join(saved) or 'no checkpoint'}; {hint}.", file=sys.stderr)
+    """Ctrl-C or SIGTERM: one line on what was saved, exit 130."""
+    print(f"\ninterrupted: saved {', '.join(SAVED) or 'nothing yet'}; rerun the command to start again.",
+          file=sys.stderr)
     raise SystemExit(130)
-
 
 def log_metrics(writer, prefix: str, names, metric_sum, count: int, step: int):
     """The metrics averaged since the last log (read from the device once); a non-finite one stops the run."""
     for name, value in zip(names, (metric_sum / count).tolist()):
         writer.add_scalar(f"{prefix}{name}", value, step)
         if not math.isfinite(value):
-            writer.close()
             fail(f"at step {step} {prefix}{name} = {value}: the run diverged, and stops with what it saved in "
-                 f"{RUN['run_dir']}; lower the learning rates or the reward scale.")
+                 f"{writer.log_dir}; lower the learning rates or the reward scale.")
 
 
 # --- data: D4RL names and Minari ids, episodes to transitions, scores -------------------------
@@ -656,27 +643,19 @@ def load_offline_data(env_id: str):
     return data, identity, first.recover_environment, ref_scores, float(space.high[0])
 
 
-def data_statistics(data: dict, args, offline_checkpoint, bc_checkpoint):
-    """Observation mean and std and the reward scale: an offline checkpoint's (a flag asking for others is
-    refused), else the dataset's; a BC checkpoint must agree. The used reward scale goes into args' records."""
+def data_statistics(data: dict, args, offline_checkpoint):
+    """Observation mean and std and the reward scale: an offline checkpoint's (another --reward-scale is refused),
+    else the dataset's. The reward scale in force goes into args, so the records name it."""
     if offline_checkpoint:
-        fixed = {"reward_scale": offline_checkpoint["reward_scale"],
-                 "obs_norm_eps": offline_checkpoint["args"].get("obs_norm_eps")}
-        for name, value in fixed.items():
-            given, flag = getattr(args, name, None), f"--{name.replace('_', '-')}"  # the baselines lack these flags
-            if given not in (None, value):
-                fail(f"{flag} {given} differs from the offline checkpoint's {value}, which fixes it: pass {flag} "
-                     f"{value}, or a checkpoint trained with {given}.")
         obs_mean, obs_std = offline_checkpoint["obs_mean"].numpy(), offline_checkpoint["obs_std"].numpy()
         reward_scale = offline_checkpoint["reward_scale"]
+        if getattr(args, "reward_scale", None) not in (None, reward_scale):  # the baselines lack the flag
+            fail(f"--reward-scale {args.reward_scale} differs from the offline checkpoint's {reward_scale}, which "
+                 f"fixes it: pass --reward-scale {reward_scale}, or a checkpoint trained with {args.reward_scale}.")
     else:
         obs_mean, obs_std = data["observations"].mean(0), data["observations"].std(0) + args.obs_norm_eps
         return_range = np.ptp(data["episode_returns"])
         reward_scale = float(args.reward_scale or (1000.0 / return_range if return_range > 0 else 1.0))
-    if bc_checkpoint and not all(np.allclose(bc_checkpoint[f"obs_{name}"].numpy(), ours, atol=1e-5)
-                                 for name, ours in (("mean", obs_mean), ("std", obs_std))):
-        fail(f"--bc-checkpoint {args.bc_checkpoint!r} normalizes observations unlike this run, so pi_BC would see "
-             f"other states: pass a bc.pt of this dataset and --obs-norm-eps, or drop the flag to train pi_BC here.")
     if hasattr(args, "reward_scale"):
         args.reward_scale = reward_scale
     return obs_mean, obs_std, reward_scale
@@ -689,6 +668,7 @@ def save_checkpoint(path: str, kind: str, algorithm: str, state_dict: dict, cont
                "state_dict": state_dict, "args": asdict(args), **extra}
     torch.save(payload, f"{path}.tmp")
     os.replace(f"{path}.tmp", path)
+    SAVED[path] = kind
 
 
 def load_checkpoint(path: str, flag: str, kind: str, algorithms: tuple, context: dict) -> dict:
@@ -702,10 +682,11 @@ def load_checkpoint(path: str, flag: str, kind: str, algorithms: tuple, context:
     if checkpoint["kind"] != kind or checkpoint["algorithm"] not in algorithms:
         fail(f"{flag} {path!r} holds a checkpoint of kind {checkpoint['kind']!r} by {checkpoint['algorithm'].upper()}: "
              f"pass the `{kind}.pt` of an earlier {' or '.join(a.upper() for a in algorithms)} run.")
-    for key in ("dataset_id", "data_sha1", "obs_dim", "act_dim", "hidden_dim"):
+    for key in ("dataset_id", "data_sha1", "obs_dim", "act_dim", "hidden_dim", "obs_norm_eps"):
         if key in context and checkpoint.get(key) != context[key]:
-            fix = {"hidden_dim": f"pass --hidden-dim {checkpoint[key]}", "data_sha1": "the dataset was rebuilt or "
-                   "changed since: pass a checkpoint trained on it"}.get(key, "pass a checkpoint of this dataset")
+            fix = (f"pass --{key.replace('_', '-')} {checkpoint.get(key)}" if key in ("hidden_dim", "obs_norm_eps")
+                   else "the dataset was rebuilt or changed: pass a checkpoint trained on it" if key == "data_sha1"
+                   else "pass a checkpoint of this dataset")
             fail(f"{flag} {path!r} was made for {key} {checkpoint.get(key)!r}, this run has {context[key]!r}: {fix}, "
                  f"or drop {flag} to train it here.")
     return checkpoint
