@@ -423,7 +423,7 @@ class ReplayBuffer:
                      self.terminals[idx])
 
 
-# ===== Evaluation: the D4RL normalized score and the Q bias =================================================
+# ===== Evaluation and logging: the D4RL normalized score, the Q bias, averaged metrics =======================
 def normalized_score(episode_return, ref_scores):
     """D4RL normalized score: 100 * (R - R_random) / (R_expert - R_random)."""
     return 100.0 * (np.asarray(episode_return) - ref_scores[0]) / (ref_scores[1] - ref_scores[0])
@@ -461,6 +461,15 @@ def log_evaluation(writer, prefix: str, step: int, ref_scores, returns, q_bias: 
     tqdm.write(f"{prefix or 'online/'}step {step}: {shown} (return std {returns.std():.1f})")
 
 
+def log_metrics(writer, prefix: str, names, metric_sum, count: int, step: int):
+    """The metrics averaged since the last log (read from the device once); a non-finite one stops the run."""
+    for name, value in zip(names, (metric_sum / count).tolist()):
+        writer.add_scalar(f"{prefix}{name}", value, step)
+        if not math.isfinite(value):
+            fail(f"at step {step} {prefix}{name} = {value}: the run diverged, and stops with what it saved in "
+                 f"{writer.log_dir}; lower the learning rates or the reward scale.")
+
+
 # ===== The run: offline pretraining, pi_BC, BAQ fine-tuning online ==========================================
 def main(args: Args):
     random.seed(args.seed)
@@ -496,13 +505,10 @@ def main(args: Args):
     agent = Agent(obs_dim, act_dim, max_action, args).to(device)
     eval_env = make_env(eval_env=True)
 
-    last_evaluation = {}  # the offline phase's last one is online step 0's: the same policy and episodes
-
     def run_evaluation(prefix: str, step: int):
-        if not (prefix == "" and step == 0 and last_evaluation):
-            last_evaluation.update(zip(("returns", "q_bias"), evaluate(
-                agent, eval_env, normalize, args.eval_episodes, args.seed + 10_000, args.gamma, reward_scale, device)))
-        log_evaluation(writer, prefix, step, ref_scores, last_evaluation["returns"], last_evaluation["q_bias"])
+        returns, q_bias = evaluate(agent, eval_env, normalize, args.eval_episodes, args.seed + 10_000, args.gamma,
+                                   reward_scale, device)
+        log_evaluation(writer, prefix, step, ref_scores, returns, q_bias)
 
     # --- offline pretraining ------------------------------------------------------------------
     if offline_checkpoint:
@@ -558,10 +564,10 @@ def main(args: Args):
     if args.behavior_constraint:
         generator = torch.Generator(device).manual_seed(args.seed + 3)
         states = buffer.observations[torch.randperm(n_offline, device=device, generator=generator)[:65536]]
-        offline_disagreement = agent.q_disagreement(states, agent.act(states, deterministic=True)).mean()
-        scale, confident = offline_disagreement.clamp(min=1e-6), torch.zeros((), device=device)
+        delta_0 = agent.q_disagreement(states, agent.act(states, deterministic=True)).mean()
+        scale, confident = delta_0.clamp(min=1e-6), torch.zeros((), device=device)
         print(f"behavior constraint: lambda_0 {args.constraint_coef}, n_half {args.constraint_half_life}, "
-              f"delta_0 {offline_disagreement.item():.4g} (|Q1 - Q2| at pi(s), mean over {len(states)} offline states)")
+              f"delta_0 {delta_0.item():.4g} (|Q1 - Q2| at pi(s), mean over {len(states)} offline states)")
 
     # --- online fine-tuning -------------------------------------------------------------------
     torch.manual_seed(args.seed + 2)  # the same online phase whether the earlier phases ran or were loaded
@@ -590,8 +596,7 @@ def main(args: Args):
         weights, online = buffer.weights[idx], idx >= n_offline
         constraint = None
         if args.behavior_constraint:  # n_conf counts this transition when the critics agree at pi(s)
-            disagreement = agent.q_disagreement(state, agent.act(state, deterministic=True))
-            confident += (disagreement < offline_disagreement).sum()
+            confident += (agent.q_disagreement(state, agent.act(state, deterministic=True)) < delta_0).sum()
             coef = constraint_coefficient(args.constraint_coef, confident, args.constraint_half_life)
             constraint = (bc_policy(batch[0]), coef, scale)
         metrics = agent.update(batch, weights, constraint)  # Eqs. 8, 9: the critic losses weighted by w
@@ -701,24 +706,14 @@ def stop_on_interrupt():
     raise SystemExit(130)
 
 
-def log_metrics(writer, prefix: str, names, metric_sum, count: int, step: int):
-    """The metrics averaged since the last log (read from the device once); a non-finite one stops the run."""
-    for name, value in zip(names, (metric_sum / count).tolist()):
-        writer.add_scalar(f"{prefix}{name}", value, step)
-        if not math.isfinite(value):
-            fail(f"at step {step} {prefix}{name} = {value}: the run diverged, and stops with what it saved in "
-                 f"{writer.log_dir}; lower the learning rates or the reward scale.")
-
-
 # --- data: D4RL names and Minari ids, episodes to transitions, scores -------------------------
 D4RL_REF_SCORES = {  # (random, expert) returns of d4rl/infos.py, the same for every locomotion version
     "hopper": (-20.272305, 3234.3), "halfcheetah": (-280.178953, 12135.0), "walker2d": (1.629008, 4592.3)}
-D4RL_LEVELS = ("medium", "medium-replay", "medium-expert", "expert", "random")  # make_dataset.py builds each
-MINARI_IDS = {"medium": ["medium"], "expert": ["expert"], "medium-expert": ["medium", "expert"]}  # Minari has these
+D4RL_LEVELS = {"medium": ["medium"], "medium-replay": [], "medium-expert": ["medium", "expert"], "expert": ["expert"],
+               "random": []}  # each one's Minari levels ([]: Minari has none); benchmark/make_dataset.py builds all
 
 
 def how_to_build(dataset_id: str) -> str:
-    """The command that builds a D4RL level locally as baq/<env>/<level>-v0, or what to check."""
     known = re.fullmatch(rf"(?:baq|mujoco)/(hopper|halfcheetah|walker2d)/({'|'.join(D4RL_LEVELS)})-v0", dataset_id)
     if not known:
         return f"check the id (case-sensitive: baq/<env>/<level>-v0, <level> one of {', '.join(D4RL_LEVELS)})"
@@ -733,30 +728,9 @@ def resolve_dataset_ids(env_id: str) -> list:
     if d4rl and (env_id != env_id.lower() or d4rl[2] not in D4RL_LEVELS):
         fail(f"--env-id {env_id!r} is not a D4RL name: write {d4rl[1]}-<level>-v2 in lower case, <level> one of "
              f"{', '.join(D4RL_LEVELS)}.")
-    if d4rl and d4rl[2] not in MINARI_IDS:
+    if d4rl and not D4RL_LEVELS[d4rl[2]]:
         fail(f"--env-id {env_id!r} has no Minari counterpart: {how_to_build(f'baq/{d4rl[1]}/{d4rl[2]}-v0')}.")
-    return [f"mujoco/{d4rl[1]}/{level}-v0" for level in MINARI_IDS[d4rl[2]]] if d4rl else [env_id]
-
-
-def load_minari_dataset(dataset_id: str, env_id: str):
-    """A Minari dataset, local or downloaded, and its transitions; a failure leaves no store it created."""
-    import minari
-
-    store = os.environ.get("MINARI_DATASETS_PATH") or os.path.join(os.path.expanduser("~"), ".minari", "datasets")
-    if os.path.exists(store) and not os.path.isdir(store):
-        fail(f"MINARI_DATASETS_PATH {store!r} is a file: point it at a folder (the Minari store).")
-    had_store, folder = os.path.isdir(store), os.path.join(store, dataset_id)
-    try:
-        dataset = minari.load_dataset(dataset_id, download=True)
-        return dataset, episodes_to_transitions(dataset.iterate_episodes())  # reads every file: a cut one fails here
-    except Exception as err:  # Minari's, the hub's and h5py's errors: each means this dataset cannot be read
-        local = os.path.isdir(os.path.join(folder, "data"))
-        if not had_store:
-            shutil.rmtree(store, ignore_errors=True)
-        cause = f"its files in {folder} cannot be read" if local else f"it is not in the store {store} nor downloadable"
-        fail(f"--env-id {env_id!r} needs the Minari dataset {dataset_id!r}, but {cause} ({type(err).__name__}: "
-             f"{' '.join(str(err).split())[:200]}); {'delete that folder and ' if local else ''}"
-             f"{how_to_build(dataset_id)}.")
+    return [f"mujoco/{d4rl[1]}/{level}-v0" for level in D4RL_LEVELS[d4rl[2]]] if d4rl else [env_id]
 
 
 def episodes_to_transitions(episodes) -> dict:
@@ -773,8 +747,27 @@ def episodes_to_transitions(episodes) -> dict:
 
 def load_offline_data(env_id: str):
     """Transitions, their identity for the checkpoints (id, SHA-1, sizes), an environment maker
-    (`make_env(eval_env=...)`), reference scores (or None), the action bound."""
-    loaded = [load_minari_dataset(dataset_id, env_id) for dataset_id in resolve_dataset_ids(env_id)]
+    (`make_env(eval_env=...)`), reference scores (or None), the action bound. A failed load leaves no store it made."""
+    import minari
+
+    store = os.environ.get("MINARI_DATASETS_PATH") or os.path.join(os.path.expanduser("~"), ".minari", "datasets")
+    if os.path.exists(store) and not os.path.isdir(store):
+        fail(f"MINARI_DATASETS_PATH {store!r} is a file: point it at a folder (the Minari store).")
+    had_store, loaded = os.path.isdir(store), []
+    for dataset_id in resolve_dataset_ids(env_id):
+        try:
+            dataset = minari.load_dataset(dataset_id, download=True)
+            loaded.append((dataset, episodes_to_transitions(dataset.iterate_episodes())))  # reads every file
+        except Exception as err:  # Minari's, the hub's and h5py's errors: each means this dataset cannot be read
+            folder = os.path.join(store, dataset_id)
+            local = os.path.isdir(os.path.join(folder, "data"))
+            if not had_store:
+                shutil.rmtree(store, ignore_errors=True)
+            cause = (f"its files in {folder} cannot be read" if local else
+                     f"it is not in the store {store} nor downloadable")
+            fail(f"--env-id {env_id!r} needs the Minari dataset {dataset_id!r}, but {cause} ({type(err).__name__}: "
+                 f"{' '.join(str(err).split())[:200]}); {'delete that folder and ' if local else ''}"
+                 f"{how_to_build(dataset_id)}.")
     first, space = loaded[0][0], loaded[0][0].action_space
     spaces = {(str(d.observation_space), str(d.action_space)) for d, _ in loaded}
     if len(spaces) > 1 or not all(isinstance(s, gym.spaces.Box) for s in (first.observation_space, space)):

@@ -85,7 +85,7 @@ def test_the_algorithm_comes_before_the_plumbing(name):
     source = (ROOT / name).read_text()
     lines = source.splitlines()
     order = ["class Args", "def behavior_weight", "def losses", "class ReplayBuffer", "def evaluate", "def main",
-             "# ===== PLUMBING", "def fail", "def load_minari_dataset", "def save_checkpoint"]
+             "# ===== PLUMBING", "def fail", "def load_offline_data", "def save_checkpoint"]
     positions = [next(i for i, line in enumerate(lines) if line.lstrip().startswith(marker)) for marker in order]
     split = order.index("# ===== PLUMBING")
     assert positions[:split + 1] == sorted(positions[:split + 1])
