@@ -547,13 +547,6 @@ def main(args: Args):
         metric_sum.copy_(resume["metric_sum"])
         restore_random_state(resume["rng"], buffer, device)
     unit_weights, start = torch.ones(args.batch_size, device=device), time.time()
-
-    def save_resumable(step: int):
-        save_checkpoint(os.path.join(run_dir, "resume.pt"), "resume", args.algo,
-                        {"agent": agent.state_dict(), "optimizer": agent.optimizer.state_dict()}, context, args,
-                        step=step, metric_sum=metric_sum.cpu(),
-                        rng=random_state(buffer, device))
-
     steps = tqdm(range(start_step + 1, args.offline_steps + 1), f"offline {args.algo.upper()}", unit="update",
                  mininterval=10)
     for step in steps:
@@ -569,7 +562,9 @@ def main(args: Args):
             run_evaluation("offline/", step)
         stopping = args.stop_after and step - start_step == args.stop_after and step < args.offline_steps
         if (args.checkpoint_every and step % args.checkpoint_every == 0) or stopping:
-            save_resumable(step)
+            save_checkpoint(os.path.join(run_dir, "resume.pt"), "resume", args.algo,
+                            {"agent": agent.state_dict(), "optimizer": agent.optimizer.state_dict()}, context, args,
+                            step=step, metric_sum=metric_sum.cpu(), rng=random_state(buffer, device))
         if stopping:
             steps.close()
             writer.close()
@@ -838,8 +833,13 @@ def random_state(buffer, device) -> dict:
 
 
 def restore_random_state(state: dict, buffer, device):
-    buffer.generator.set_state(state["buffer"])
+    """Exact on the device the run was saved on: a generator's state cannot move to another device."""
     torch.set_rng_state(state["torch"])
+    if ("cuda" in state) != (device.type == "cuda"):
+        print(f"note: saved on {'cuda' if 'cuda' in state else 'cpu'}, resumed on {device.type}: the replay sampler "
+              f"starts a new random stream, so the run goes on, but not as the uninterrupted one would have")
+        return
+    buffer.generator.set_state(state["buffer"])
     if device.type == "cuda":
         torch.cuda.set_rng_state(state["cuda"])
 

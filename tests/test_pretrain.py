@@ -71,6 +71,21 @@ def test_resume_continues_exactly(pretrained, run_script, tmp_path):
         assert whole[tag] == split[tag], tag  # logged once per step, across the interruption too
 
 
+def test_a_run_saved_on_another_device_goes_on_with_a_note(pretrained, run_script, tmp_path):
+    """A generator's state cannot move between devices (CPU and CUDA): --resume on the other one continues the
+    run from its weights and Adam moments, without a traceback, and says it is no longer exact."""
+    algo, _, _ = pretrained
+    first, run_dir = run_script("offline_pretrain.py", tmp_path / "runs", "--algo", algo, *OFFLINE_FLAGS,
+                                "--stop-after", "25", tiny=False)
+    assert first.returncode == 0, first.stderr
+    resume = load(run_dir / "resume.pt")
+    resume["rng"]["cuda"] = torch.zeros(16, dtype=torch.uint8)  # as a run saved on a GPU holds
+    torch.save(resume, run_dir / "resume.pt")
+    resumed, _ = run_script("offline_pretrain.py", tmp_path / "runs", "--resume", str(run_dir / "resume.pt"), tiny=False)
+    assert resumed.returncode == 0 and "Traceback" not in resumed.stderr, resumed.stderr
+    assert "note: saved on cuda, resumed on cpu" in resumed.stdout and (run_dir / "offline.pt").exists()
+
+
 def test_checkpoints_of_a_rebuilt_dataset_are_refused(pretrained, run_script, tmp_path, monkeypatch):
     """The same name and size, other transitions (a dataset rebuilt on another machine): --resume cannot continue
     exactly, and an offline.pt or bc.pt trained on the old data is refused, not applied to the new."""

@@ -788,8 +788,13 @@ def random_state(buffer, device) -> dict:
 
 
 def restore_random_state(state: dict, buffer, device):
-    buffer.generator.set_state(state["buffer"])
+    """Exact on the device the run was saved on: a generator's state cannot move to another device."""
     torch.set_rng_state(state["torch"])
+    if ("cuda" in state) != (device.type == "cuda"):
+        print(f"note: saved on {'cuda' if 'cuda' in state else 'cpu'}, resumed on {device.type}: the replay sampler "
+              f"starts a new random stream, so the run goes on, but not as the uninterrupted one would have")
+        return
+    buffer.generator.set_state(state["buffer"])
     if device.type == "cuda":
         torch.cuda.set_rng_state(state["cuda"])
 
