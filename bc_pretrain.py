@@ -167,18 +167,11 @@ def offline_policy_actions(checkpoint: dict, observations, max_action: float, de
     """The deterministic actions of the actor in an offline checkpoint, on raw observations."""
     weights = {k[len("actor."):]: v for k, v in checkpoint["state_dict"]["agent"].items() if k.startswith("actor.")}
     sizes = (checkpoint["obs_dim"], checkpoint["act_dim"], checkpoint["hidden_dim"], max_action)
-    actor = (GaussianPolicy if checkpoint["algorithm"] == "iql" else TanhGaussianActor)(*sizes)
+    actor = (GaussianPolicy if checkpoint["algorithm"] == "iql" else TanhGaussianActor)(*sizes).to(device)
     actor.load_state_dict(weights)
-    actor.to(device)
     obs = (observations - checkpoint["obs_mean"].numpy()) / checkpoint["obs_std"].numpy()
     act = actor if checkpoint["algorithm"] == "iql" else lambda o: actor(o, deterministic=True)[0]
     return torch.cat([act(chunk) for chunk in torch.as_tensor(obs, device=device).split(65536)]).cpu()
-
-
-def action_mse(predicted, actions):
-    """Mean squared error to the dataset's actions: per action dimension, and overall."""
-    per_dimension = (predicted - actions).pow(2).mean(0)
-    return per_dimension, per_dimension.mean()
 
 
 def plot_figure1(predictions: dict, actions, mse: dict, path: str, points: int, seed: int, title: str):
@@ -198,9 +191,9 @@ def plot_figure1(predictions: dict, actions, mse: dict, path: str, points: int, 
             ax = axes[row, dim]
             ax.scatter(actions[idx, dim], predicted[idx, dim], s=2, alpha=0.3)
             ax.plot([-1, 1], [-1, 1], color="black", linewidth=0.8)
-            ax.set_title(f"{name}, a[{dim}]: MSE {mse[name][0][dim]:.3f}", fontsize=8)
+            ax.set_title(f"{name}, a[{dim}]: MSE {mse[name][dim]:.3f}", fontsize=8)
             ax.set(xlabel="dataset action", ylabel="predicted action")
-    summary = ", ".join(f"{name} MSE {m[1]:.4f}" for name, m in mse.items())
+    summary = ", ".join(f"{name} MSE {m.mean():.4f}" for name, m in mse.items())
     figure.suptitle(f"Figure 1, {title}\n{summary}", fontsize=9)
     figure.tight_layout()
     figure.savefig(f"{path}.tmp.png", dpi=120)
@@ -224,8 +217,7 @@ def main(args: Args):
     context["hidden_dim"] = args.hidden_dim
     offline_checkpoint = args.offline_checkpoint and load_checkpoint(
         args.offline_checkpoint, "--offline-checkpoint", "offline", ("iql", "cql"), context)
-    obs_mean = data["observations"].mean(0)
-    obs_std = data["observations"].std(0) + args.obs_norm_eps
+    obs_mean, obs_std = data["observations"].mean(0), data["observations"].std(0) + args.obs_norm_eps
     context.update(obs_mean=torch.as_tensor(obs_mean), obs_std=torch.as_tensor(obs_std), obs_norm_eps=args.obs_norm_eps,
                    reward_scale=None)  # no reward
 
@@ -257,16 +249,15 @@ def main(args: Args):
             offline_name: offline_policy_actions(offline_checkpoint, data["observations"], max_action, device),
             "pi_BC": torch.cat([bc_policy(o) for o in observations.split(65536)]).cpu(),
         }
-        mse = {name: action_mse(predicted, actions.cpu()) for name, predicted in predictions.items()}
+        mse = {name: (predicted - actions.cpu()).pow(2).mean(0) for name, predicted in predictions.items()}  # per a[i]
         for name, tag in ((offline_name, "offline_policy"), ("pi_BC", "bc_policy")):
-            writer.add_scalar(f"figure1/{tag}_mse", mse[name][1].item(), 0)
-            for dim, value in enumerate(mse[name][0].tolist()):
+            writer.add_scalar(f"figure1/{tag}_mse", mse[name].mean().item(), 0)
+            for dim, value in enumerate(mse[name].tolist()):
                 writer.add_scalar(f"figure1/{tag}_mse_dim{dim}", value, 0)
-            print(f"Figure 1, {name}: action MSE {mse[name][1].item():.4f} (per dimension: "
-                  + ", ".join(f"{v:.4f}" for v in mse[name][0].tolist()) + ")")
-        offline_steps = offline_checkpoint["args"]["offline_steps"]
+            print(f"Figure 1, {name}: action MSE {mse[name].mean().item():.4f} (per dimension: "
+                  + ", ".join(f"{v:.4f}" for v in mse[name].tolist()) + ")")
         title = (f"{args.env_id}, seed {args.seed}: pi_BC after {args.bc_steps} updates, {offline_name} after "
-                 f"{offline_steps} updates")
+                 f"{offline_checkpoint['args']['offline_steps']} updates")
         plot_figure1({k: v.numpy() for k, v in predictions.items()}, data["actions"], mse,
                      os.path.join(run_dir, "figure1.png"), args.figure_points, args.seed, title)
         print(f"Figure 1 plot: {os.path.join(run_dir, 'figure1.png')}")
