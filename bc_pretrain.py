@@ -177,15 +177,13 @@ def offline_policy_actions(checkpoint: dict, observations, max_action: float, de
 def plot_figure1(predictions: dict, actions, mse: dict, path: str, points: int, seed: int, title: str):
     """Predicted against dataset actions, one row per policy, one column per action dimension."""
     import matplotlib
+    from matplotlib.figure import Figure  # no pyplot: no GUI backend to pick, no window, nothing to close
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    plt.rcParams.update({"font.size": 7, "xtick.labelsize": 6, "ytick.labelsize": 6})
+    matplotlib.rcParams.update({"font.size": 7, "xtick.labelsize": 6, "ytick.labelsize": 6})
     idx = np.random.default_rng(seed).choice(len(actions), size=min(points, len(actions)), replace=False)
     act_dim = actions.shape[1]
-    figure, axes = plt.subplots(len(predictions), act_dim, figsize=(2.6 * act_dim, 2.6 * len(predictions)),
-                                squeeze=False)
+    figure = Figure(figsize=(2.6 * act_dim, 2.6 * len(predictions)))
+    axes = figure.subplots(len(predictions), act_dim, squeeze=False)
     for row, (name, predicted) in enumerate(predictions.items()):
         for dim in range(act_dim):
             ax = axes[row, dim]
@@ -197,7 +195,6 @@ def plot_figure1(predictions: dict, actions, mse: dict, path: str, points: int, 
     figure.suptitle(f"Figure 1, {title}\n{summary}", fontsize=9)
     figure.tight_layout()
     figure.savefig(f"{path}.tmp.png", dpi=120)
-    plt.close(figure)
     os.replace(f"{path}.tmp.png", path)
 
 
