@@ -1,8 +1,7 @@
-# The behavior-cloning reference pi_BC alone, in one file: trained with the loss of Eq. 2 exactly as
-# baq_iql.py and baq_cql.py train it (the same code and seed streams, so the same network), written as a
-# `bc.pt` they accept with --bc-checkpoint, and evaluated in the environment. With --offline-checkpoint
-# it also measures the paper's Figure 1: over the dataset's states, how far the actions of an
-# offline-trained policy and of pi_BC lie from the dataset's actions.
+# The behavior-cloning reference pi_BC alone, in one file: trained with Eq. 2's loss exactly as baq_iql.py and
+# baq_cql.py train it (the same code and seed streams, so the same network), written as a `bc.pt` they accept with
+# --bc-checkpoint, and evaluated. With --offline-checkpoint it also measures the paper's Figure 1: over the
+# dataset's states, how far the actions of an offline-trained policy and of pi_BC lie from the dataset's actions.
 #
 # Definitions other scripts also have are identical text in all (tests/test_copies.py). Docs: docs/baq.md
 import atexit
@@ -422,7 +421,7 @@ def save_checkpoint(path: str, kind: str, algorithm: str, state_dict: dict, cont
 
 
 def load_checkpoint(path: str, flag: str, kind: str, algorithms: tuple, context: dict) -> dict:
-    """The checkpoint given to `flag`, checked against this run (kind, algorithm, data, sizes)."""
+    """The checkpoint given to `flag`, checked against this run (kind, algorithm, data, sizes, normalization)."""
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
@@ -433,11 +432,12 @@ def load_checkpoint(path: str, flag: str, kind: str, algorithms: tuple, context:
         fail(f"{flag} {path!r} holds a checkpoint of kind {checkpoint['kind']!r} by {checkpoint['algorithm'].upper()}: "
              f"pass the `{kind}.pt` of an earlier {' or '.join(a.upper() for a in algorithms)} run.")
     for key in ("dataset_id", "data_sha1", "obs_dim", "act_dim", "hidden_dim", "obs_norm_eps"):
-        if key in context and checkpoint.get(key) != context[key]:
-            fix = (f"pass --{key.replace('_', '-')} {checkpoint.get(key)}" if key in ("hidden_dim", "obs_norm_eps")
+        theirs = checkpoint.get(key, checkpoint["args"].get(key))  # older checkpoints: obs_norm_eps in their args
+        if key in context and theirs != context[key]:
+            fix = (f"pass --{key.replace('_', '-')} {theirs}" if key in ("hidden_dim", "obs_norm_eps")
                    else "the dataset was rebuilt or changed: pass a checkpoint trained on it" if key == "data_sha1"
                    else "pass a checkpoint of this dataset")
-            fail(f"{flag} {path!r} was made for {key} {checkpoint.get(key)!r}, this run has {context[key]!r}: {fix}, "
+            fail(f"{flag} {path!r} was made for {key} {theirs!r}, this run has {context[key]!r}: {fix}, "
                  f"or drop {flag} to train it here.")
     return checkpoint
 

@@ -203,6 +203,20 @@ def test_bc_checkpoint_with_other_normalization_is_refused(full_run, run_script,
     assert "was made for obs_norm_eps 0.001, this run has 0.5: pass --obs-norm-eps 0.001" in result.stderr
 
 
+def test_a_checkpoint_older_than_the_obs_norm_eps_key_is_checked_by_its_flag(full_run, run_script, tmp_path):
+    """Checkpoints written before `obs_norm_eps` was a key hold it in their arguments, and are checked by it."""
+    script, _, first_dir = full_run
+    older = load(first_dir / "bc.pt")
+    del older["obs_norm_eps"]
+    torch.save(older, tmp_path / "bc.pt")
+    accepted, _ = run_script(script, tmp_path / "accepted", "--bc-checkpoint", str(tmp_path / "bc.pt"))
+    assert accepted.returncode == 0 and "BC phase skipped" in accepted.stdout, accepted.stderr
+    refused, run_dir = run_script(script, tmp_path / "refused", "--bc-checkpoint", str(tmp_path / "bc.pt"),
+                                  "--obs-norm-eps", "0.5")
+    assert refused.returncode != 0 and run_dir is None
+    assert "was made for obs_norm_eps 0.001, this run has 0.5: pass --obs-norm-eps 0.001" in refused.stderr
+
+
 def test_runs_started_together_get_their_own_directories(minari_store, tmp_path):
     """Same script, seed and second: the second run must not write into the first one's directory."""
     import os

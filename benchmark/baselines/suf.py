@@ -724,7 +724,7 @@ def save_checkpoint(path: str, kind: str, algorithm: str, state_dict: dict, cont
 
 
 def load_checkpoint(path: str, flag: str, kind: str, algorithms: tuple, context: dict) -> dict:
-    """The checkpoint given to `flag`, checked against this run (kind, algorithm, data, sizes)."""
+    """The checkpoint given to `flag`, checked against this run (kind, algorithm, data, sizes, normalization)."""
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
@@ -735,11 +735,12 @@ def load_checkpoint(path: str, flag: str, kind: str, algorithms: tuple, context:
         fail(f"{flag} {path!r} holds a checkpoint of kind {checkpoint['kind']!r} by {checkpoint['algorithm'].upper()}: "
              f"pass the `{kind}.pt` of an earlier {' or '.join(a.upper() for a in algorithms)} run.")
     for key in ("dataset_id", "data_sha1", "obs_dim", "act_dim", "hidden_dim", "obs_norm_eps"):
-        if key in context and checkpoint.get(key) != context[key]:
-            fix = (f"pass --{key.replace('_', '-')} {checkpoint.get(key)}" if key in ("hidden_dim", "obs_norm_eps")
+        theirs = checkpoint.get(key, checkpoint["args"].get(key))  # older checkpoints: obs_norm_eps in their args
+        if key in context and theirs != context[key]:
+            fix = (f"pass --{key.replace('_', '-')} {theirs}" if key in ("hidden_dim", "obs_norm_eps")
                    else "the dataset was rebuilt or changed: pass a checkpoint trained on it" if key == "data_sha1"
                    else "pass a checkpoint of this dataset")
-            fail(f"{flag} {path!r} was made for {key} {checkpoint.get(key)!r}, this run has {context[key]!r}: {fix}, "
+            fail(f"{flag} {path!r} was made for {key} {theirs!r}, this run has {context[key]!r}: {fix}, "
                  f"or drop {flag} to train it here.")
     return checkpoint
 
