@@ -505,10 +505,13 @@ def main(args: Args):
     agent = Agent(obs_dim, act_dim, max_action, args).to(device)
     eval_env = make_env(eval_env=True)
 
+    last_evaluation = {}  # the offline phase's last one is online step 0's: the same policy and episodes
+
     def run_evaluation(prefix: str, step: int):
-        returns, q_bias = evaluate(agent, eval_env, normalize, args.eval_episodes, args.seed + 10_000, args.gamma,
-                                   reward_scale, device)
-        log_evaluation(writer, prefix, step, ref_scores, returns, q_bias)
+        if not (prefix == "" and step == 0 and last_evaluation):
+            last_evaluation.update(zip(("returns", "q_bias"), evaluate(
+                agent, eval_env, normalize, args.eval_episodes, args.seed + 10_000, args.gamma, reward_scale, device)))
+        log_evaluation(writer, prefix, step, ref_scores, last_evaluation["returns"], last_evaluation["q_bias"])
 
     # --- offline pretraining ------------------------------------------------------------------
     if offline_checkpoint:
