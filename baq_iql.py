@@ -635,8 +635,9 @@ def start_run(args, description: str):
 def stop_on_interrupt():
     """Ctrl-C or SIGTERM: one line on what was saved and how a rerun skips it, exit 130."""
     skip = " ".join(f"--{kind}-checkpoint {path}" for path, kind in SAVED.items() if kind != "final")
-    hint = f"rerun the same command with {skip} to skip what finished" if skip else "rerun the command to start again"
-    print(f"\ninterrupted: saved {', '.join(SAVED) or 'nothing yet'}; {hint}.", file=sys.stderr)
+    hint = (f"rerun the same command with {skip} to skip what finished" if skip else "the run had finished" if SAVED
+            else "nothing was saved yet, so rerun the command to start again")
+    print(f"\ninterrupted: saved {', '.join(SAVED) or 'no checkpoint'}; {hint}.", file=sys.stderr)
     raise SystemExit(130)
 
 

@@ -222,8 +222,7 @@ def main(args: Args):
 
     observations = torch.as_tensor(normalize(data["observations"]), dtype=torch.float32, device=device)
     actions = torch.as_tensor(data["actions"], device=device)
-    run_dir, writer = start_run(args, f"{n_offline} offline transitions, obs {obs_dim}, actions {act_dim}, "
-                                      f"device {device}")
+    run_dir, writer = start_run(args, f"{n_offline} transitions, obs {obs_dim}, actions {act_dim}, device {device}")
 
     # --- pi_BC (Eq. 2), exactly as the fine-tuning scripts train it -----------------------------
     bc_policy = train_bc(observations, actions, max_action, args, writer)
@@ -324,9 +323,10 @@ def start_run(args, description: str):
 
 def stop_on_interrupt():
     """Ctrl-C or SIGTERM: one line on what was saved, exit 130."""
-    print(f"\ninterrupted: saved {', '.join(SAVED) or 'nothing yet'}; rerun the command to start again.",
-          file=sys.stderr)
+    hint = "the run had finished" if SAVED else "nothing was saved yet, so rerun the command to start again"
+    print(f"\ninterrupted: saved {', '.join(SAVED) or 'no checkpoint'}; {hint}.", file=sys.stderr)
     raise SystemExit(130)
+
 
 # --- data: D4RL names and Minari ids, episodes to transitions, scores -------------------------
 D4RL_REF_SCORES = {  # (random, expert) returns of d4rl/infos.py, the same for every locomotion version

@@ -84,11 +84,9 @@ def expectile_loss(diff, expectile: float):
     return torch.abs(expectile - (diff < 0).float()) * diff.pow(2)
 
 
-
 def iql_value_loss(target_q, v, weights, expectile: float):
     """Eq. 8: E[w(s,a) L2_tau(Q(s,a) - V(s))]."""
     return (weights * expectile_loss(target_q - v, expectile)).mean()
-
 
 
 def iql_q_loss(qs, rewards, terminals, next_v, weights, gamma: float):
@@ -97,11 +95,9 @@ def iql_q_loss(qs, rewards, terminals, next_v, weights, gamma: float):
     return (weights * (target - qs).pow(2)).mean()
 
 
-
 def iql_actor_loss(log_prob, advantage, beta: float, exp_adv_max: float):
     """IQL's advantage-weighted regression: E[-exp(beta A) log pi(a|s)], exp clipped."""
     return -(torch.exp(beta * advantage).clamp(max=exp_adv_max) * log_prob).mean()
-
 
 
 # ===== CQL's losses (Eqs. 3, 7; offline, every w is 1) ======================================================
@@ -112,7 +108,6 @@ def cql_bellman_loss(q_data, td_target, weights):
     return (weights * (q_data - td_target).pow(2)).mean(-1).sum()
 
 
-
 def cql_penalty(q_sampled, log_density, q_data, temperature: float):
     """Eq. 3's conservative term, unweighted: E_s[T logsumexp_a'(Q(s,a') / T) - Q(s,a)] for each
     critic, summed; a' are sampled and importance-weighted by their log-density:
@@ -121,11 +116,9 @@ def cql_penalty(q_sampled, log_density, q_data, temperature: float):
     return (out_of_distribution - q_data).mean(-1).sum()
 
 
-
 def entropy_temperature_loss(log_alpha, log_prob, target_entropy: float):
     """SAC's automatic entropy tuning: alpha grows while the policy's entropy is below the target."""
     return -(log_alpha * (log_prob.detach() + target_entropy)).mean()
-
 
 
 # ===== Networks and the two agents, as in the fine-tuning scripts ===========================================
@@ -135,7 +128,6 @@ def mlp(in_dim: int, out_dim: int, hidden_dim: int, n_hidden: int) -> nn.Sequent
         layers += [nn.Linear(dim, hidden_dim), nn.ReLU()]
         dim = hidden_dim
     return nn.Sequential(*layers, nn.Linear(dim, out_dim))
-
 
 
 class GaussianPolicy(nn.Module):
@@ -156,7 +148,6 @@ class GaussianPolicy(nn.Module):
         return (-0.5 * z.pow(2) - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
 
 
-
 class EnsembleLinear(nn.Module):
     """`size` independent linear layers evaluated as one batched matrix product."""
 
@@ -168,7 +159,6 @@ class EnsembleLinear(nn.Module):
 
     def forward(self, x):
         return torch.baddbmm(self.bias, x, self.weight)
-
 
 
 class TwinQ(nn.Module):
@@ -185,7 +175,6 @@ class TwinQ(nn.Module):
         for layer in self.hidden:
             x = torch.relu(layer(x))
         return self.out(x).squeeze(-1)
-
 
 
 class TanhGaussianActor(nn.Module):
@@ -217,7 +206,6 @@ class TanhGaussianActor(nn.Module):
         return self.max_action * torch.tanh(u), log_prob
 
 
-
 def orthogonal_critic_init_(critic):
     """CORL's CQL critics: orthogonal weights (gain sqrt 2, the output layer's 1e-2), zero biases."""
     with torch.no_grad():
@@ -225,7 +213,6 @@ def orthogonal_critic_init_(critic):
             for layer in [*critic.hidden, critic.out]:
                 nn.init.orthogonal_(layer.weight[member], gain=1e-2 if layer is critic.out else math.sqrt(2.0))
                 layer.bias[member].zero_()
-
 
 
 class ActorCritic(nn.Module):
@@ -265,7 +252,6 @@ class ActorCritic(nn.Module):
         pi_BC(s))^2)], gate u(s) = 1 - exp(-delta(s, pi(s)) / delta_0) without gradient. Returns it, mean u."""
         gate = 1.0 - torch.exp(-self.q_disagreement(obs, policy_actions.detach()) / scale)
         return coef * (gate * (policy_actions - bc_actions).pow(2).mean(-1)).mean(), gate.mean()
-
 
 
 class IQL(ActorCritic):
@@ -322,7 +308,6 @@ class IQL(ActorCritic):
             return mean
         action = mean + torch.randn_like(mean) * self.actor.log_std.clamp(-20.0, 2.0).exp()
         return action.clamp(-self.actor.max_action, self.actor.max_action)
-
 
 
 class CQL(ActorCritic):
@@ -400,7 +385,6 @@ class CQL(ActorCritic):
         return self.actor(obs, deterministic)[0]
 
 
-
 AGENTS = {"iql": IQL, "cql": CQL}
 
 
@@ -443,7 +427,6 @@ class ReplayBuffer:
             idx = torch.randint(0, self.size, (batch_size,), device=self.device, generator=self.generator)
         return idx, (self.observations[idx], self.actions[idx], self.rewards[idx], self.next_observations[idx],
                      self.terminals[idx])
-
 
 
 # ===== Evaluation and logging: the D4RL normalized score, the Q bias, averaged metrics =======================
@@ -655,10 +638,11 @@ def start_run(args, description: str):
 def stop_on_interrupt():
     """Ctrl-C or SIGTERM: one line on what was saved and how --resume continues it exactly, exit 130."""
     resume = [path for path, kind in SAVED.items() if kind == "resume"]
-    hint = (f"continue it with `python {sys.argv[0]} --resume {resume[-1]}`" if resume else
-            "rerun the command to start again")
-    print(f"\ninterrupted: saved {', '.join(SAVED) or 'nothing yet'}; {hint}.", file=sys.stderr)
+    hint = (f"continue it with `python {sys.argv[0]} --resume {resume[-1]}`" if resume else "the run had finished"
+            if SAVED else "nothing was saved yet, so rerun the command to start again")
+    print(f"\ninterrupted: saved {', '.join(SAVED) or 'no checkpoint'}; {hint}.", file=sys.stderr)
     raise SystemExit(130)
+
 
 # --- data: D4RL names and Minari ids, episodes to transitions, scores -------------------------
 D4RL_REF_SCORES = {  # (random, expert) returns of d4rl/infos.py, the same for every locomotion version

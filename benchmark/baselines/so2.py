@@ -610,10 +610,11 @@ def start_run(args, description: str):
 def stop_on_interrupt():
     """Ctrl-C or SIGTERM: one line on what was saved and how --resume continues it exactly, exit 130."""
     resume = [path for path, kind in SAVED.items() if kind == "resume"]
-    hint = (f"continue it with `python {sys.argv[0]} --resume {resume[-1]}`" if resume else
-            "rerun the command to start again")
-    print(f"\ninterrupted: saved {', '.join(SAVED) or 'nothing yet'}; {hint}.", file=sys.stderr)
+    hint = (f"continue it with `python {sys.argv[0]} --resume {resume[-1]}`" if resume else "the run had finished"
+            if SAVED else "nothing was saved yet, so rerun the command to start again")
+    print(f"\ninterrupted: saved {', '.join(SAVED) or 'no checkpoint'}; {hint}.", file=sys.stderr)
     raise SystemExit(130)
+
 
 # --- data: D4RL names and Minari ids, episodes to transitions, scores -------------------------
 D4RL_REF_SCORES = {  # (random, expert) returns of d4rl/infos.py, the same for every locomotion version
