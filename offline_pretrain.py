@@ -74,10 +74,6 @@ class Args:
         check_flags(self)
 
 
-# The fine-tuning scripts' defaults where IQL and CQL differ
-ALGORITHM_DEFAULTS = {"iql": {"actor_lr": 3e-4, "reward_scale": None}, "cql": {"actor_lr": 3e-5, "reward_scale": 1.0}}
-
-
 # ===== IQL's losses (Eqs. 4, 8, 9; offline, every w is 1) ===================================================
 def expectile_loss(diff, expectile: float):
     """L2_tau(u) = |tau - 1(u < 0)| u^2 (Eq. 4)."""
@@ -478,12 +474,11 @@ def log_metrics(writer, prefix: str, names, metric_sum, count: int, step: int):
 
 # ===== The run: offline pretraining, resumable ==============================================================
 def main(args: Args):
-    resume = None
-    if args.resume:  # the run goes on with its own arguments
-        resume, args = resumed_args(args, Args, None)
-    for name, value in ALGORITHM_DEFAULTS[args.algo].items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
+    resume, args = resumed_args(args, Args, None) if args.resume else (None, args)  # a resumed run: its own args
+    if args.actor_lr is None:  # the fine-tuning scripts' defaults where IQL and CQL differ
+        args.actor_lr = 3e-4 if args.algo == "iql" else 3e-5
+    if args.reward_scale is None and args.algo == "cql":
+        args.reward_scale = 1.0
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -550,13 +545,11 @@ def main(args: Args):
                             step=step, metric_sum=metric_sum.cpu(), rng=random_state(buffer, device))
         if stopping:
             steps.close()
-            writer.close()
             print(f"stopped after {args.stop_after} updates (update {step} of {args.offline_steps}); continue with "
                   f"`python offline_pretrain.py --resume {os.path.join(run_dir, 'resume.pt')}`")
             return
     save_checkpoint(os.path.join(run_dir, "offline.pt"), "offline", args.algo,
                     {"agent": agent.state_dict(), "optimizer": agent.optimizer.state_dict()}, context, args)
-    writer.close()
     print(f"done: {os.path.join(run_dir, 'offline.pt')} (use it with `python baq_{args.algo}.py --env-id {args.env_id} "
           f"--offline-checkpoint {os.path.join(run_dir, 'offline.pt')}`)")
 
