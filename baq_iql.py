@@ -229,9 +229,9 @@ class TwinQ(nn.Module):
 class ActorCritic(nn.Module):
     """What IQL and CQL share; subclasses set actor, qf, qf_target, optimizer, compute_losses and args."""
 
-    def update(self, batch, weights, constraint=None):
-        """One step on a batch (s, a, r, s', terminal) weighted by w; `constraint`: (pi_BC(s), lambda_t, delta_0)."""
-        total_loss, metrics = self.compute_losses(*batch, weights, constraint)
+    def update(self, batch, weights, *extra):
+        """One step on a batch (s, a, r, s', terminal) weighted by w; `extra`: what a subclass's losses add."""
+        total_loss, metrics = self.compute_losses(*batch, weights, *extra)
         self.optimizer.zero_grad(set_to_none=True)
         total_loss.backward()
         self.optimizer.step()
@@ -251,18 +251,6 @@ class ActorCritic(nn.Module):
     @torch.no_grad()
     def q_value(self, obs, actions):
         return self.qf(obs, actions).min(0).values
-
-    @torch.no_grad()
-    def q_disagreement(self, obs, actions):
-        """delta = |Q1 - Q2|(s, a): how much the twin critics disagree, the constraint's uncertainty signal."""
-        qs = self.qf(obs, actions)
-        return (qs[0] - qs[1]).abs()
-
-    def behavior_constraint(self, obs, policy_actions, bc_actions, coef, scale):
-        """The adaptive behavior constraint (our reading of the later paper): lambda_t E_s[u(s) mean((pi(s) -
-        pi_BC(s))^2)], gate u(s) = 1 - exp(-delta(s, pi(s)) / delta_0) without gradient. Returns it, mean u."""
-        gate = 1.0 - torch.exp(-self.q_disagreement(obs, policy_actions.detach()) / scale)
-        return coef * (gate * (policy_actions - bc_actions).pow(2).mean(-1)).mean(), gate.mean()
 
 
 class IQL(ActorCritic):
@@ -292,10 +280,10 @@ class IQL(ActorCritic):
         """The offline cosine schedule ends with the offline phase: a constant actor lr online."""
         self.set_actor_lr(self.args.actor_lr)
 
-    def losses(self, obs, actions, rewards, next_obs, terminals, weights, constraint=None):
-        """IQL's V, Q and actor losses, summed (with the constraint's actor term when given). One step on the sum
-        equals CORL's three separate updates: each loss reaches only its own parameters, as they were before the step
-        (detached advantage, target Q, V(s') without gradient); a loss reaching another network changes IQL."""
+    def losses(self, obs, actions, rewards, next_obs, terminals, weights):
+        """IQL's V, Q and actor losses, summed. One step on the sum equals CORL's three separate updates: each loss
+        reaches only its own parameters, as they were before the step (detached advantage, target Q, V(s') without
+        gradient); a loss reaching another network changes IQL."""
         args = self.args
         with torch.no_grad():
             target_q = self.qf_target(obs, actions).min(0).values
@@ -307,9 +295,6 @@ class IQL(ActorCritic):
         advantage = (target_q - v).detach()
         actor_loss = iql_actor_loss(self.actor.log_prob(obs, actions), advantage, args.beta, args.exp_adv_max)
         total_loss, metrics = value_loss + q_loss + actor_loss, [q_loss, value_loss, actor_loss, qs.mean()]
-        if constraint is not None:  # one more critic pass, at the actor's deterministic action
-            constraint_loss, gate_mean = self.behavior_constraint(obs, self.actor(obs), *constraint)
-            total_loss, metrics = total_loss + constraint_loss, metrics + [constraint_loss, gate_mean]
         return total_loss, torch.stack(metrics).detach()
 
     @torch.no_grad()
@@ -321,7 +306,29 @@ class IQL(ActorCritic):
         return action.clamp(-self.actor.max_action, self.actor.max_action)
 
 
-Agent = IQL
+class Agent(IQL):
+    """IQL, plus the adaptive behavior constraint's actor term when `main` passes one (online)."""
+
+    @torch.no_grad()
+    def q_disagreement(self, obs, actions):
+        """delta = |Q1 - Q2|(s, a): how much the twin critics disagree, the constraint's uncertainty signal."""
+        qs = self.qf(obs, actions)
+        return (qs[0] - qs[1]).abs()
+
+    def behavior_constraint(self, obs, policy_actions, bc_actions, coef, scale):
+        """The adaptive behavior constraint (our reading of the later paper): lambda_t E_s[u(s) mean((pi(s) -
+        pi_BC(s))^2)], gate u(s) = 1 - exp(-delta(s, pi(s)) / delta_0) without gradient. Returns it, mean u."""
+        gate = 1.0 - torch.exp(-self.q_disagreement(obs, policy_actions.detach()) / scale)
+        return coef * (gate * (policy_actions - bc_actions).pow(2).mean(-1)).mean(), gate.mean()
+
+    def losses(self, obs, actions, rewards, next_obs, terminals, weights, constraint=None):
+        """Plus the constraint's term at pi's deterministic action; `constraint`: (pi_BC(s), lambda_t, delta_0)."""
+        total_loss, metrics = super().losses(obs, actions, rewards, next_obs, terminals, weights)
+        if constraint is not None:  # one more critic pass
+            constraint_loss, gate_mean = self.behavior_constraint(obs, self.actor(obs), *constraint)
+            total_loss = total_loss + constraint_loss
+            metrics = torch.cat([metrics, torch.stack([constraint_loss, gate_mean]).detach()])
+        return total_loss, metrics
 
 
 # ===== The replay buffer: offline and online data, uniform or proportional (Eq. 10) sampling ================

@@ -214,9 +214,9 @@ def orthogonal_critic_init_(critic):
 class ActorCritic(nn.Module):
     """What IQL and CQL share; subclasses set actor, qf, qf_target, optimizer, compute_losses and args."""
 
-    def update(self, batch, weights, constraint=None):
-        """One step on a batch (s, a, r, s', terminal) weighted by w; `constraint`: (pi_BC(s), lambda_t, delta_0)."""
-        total_loss, metrics = self.compute_losses(*batch, weights, constraint)
+    def update(self, batch, weights, *extra):
+        """One step on a batch (s, a, r, s', terminal) weighted by w; `extra`: what a subclass's losses add."""
+        total_loss, metrics = self.compute_losses(*batch, weights, *extra)
         self.optimizer.zero_grad(set_to_none=True)
         total_loss.backward()
         self.optimizer.step()
@@ -236,18 +236,6 @@ class ActorCritic(nn.Module):
     @torch.no_grad()
     def q_value(self, obs, actions):
         return self.qf(obs, actions).min(0).values
-
-    @torch.no_grad()
-    def q_disagreement(self, obs, actions):
-        """delta = |Q1 - Q2|(s, a): how much the twin critics disagree, the constraint's uncertainty signal."""
-        qs = self.qf(obs, actions)
-        return (qs[0] - qs[1]).abs()
-
-    def behavior_constraint(self, obs, policy_actions, bc_actions, coef, scale):
-        """The adaptive behavior constraint (our reading of the later paper): lambda_t E_s[u(s) mean((pi(s) -
-        pi_BC(s))^2)], gate u(s) = 1 - exp(-delta(s, pi(s)) / delta_0) without gradient. Returns it, mean u."""
-        gate = 1.0 - torch.exp(-self.q_disagreement(obs, policy_actions.detach()) / scale)
-        return coef * (gate * (policy_actions - bc_actions).pow(2).mean(-1)).mean(), gate.mean()
 
 
 class IQL(ActorCritic):
@@ -277,10 +265,10 @@ class IQL(ActorCritic):
         """The offline cosine schedule ends with the offline phase: a constant actor lr online."""
         self.set_actor_lr(self.args.actor_lr)
 
-    def losses(self, obs, actions, rewards, next_obs, terminals, weights, constraint=None):
-        """IQL's V, Q and actor losses, summed (with the constraint's actor term when given). One step on the sum
-        equals CORL's three separate updates: each loss reaches only its own parameters, as they were before the step
-        (detached advantage, target Q, V(s') without gradient); a loss reaching another network changes IQL."""
+    def losses(self, obs, actions, rewards, next_obs, terminals, weights):
+        """IQL's V, Q and actor losses, summed. One step on the sum equals CORL's three separate updates: each loss
+        reaches only its own parameters, as they were before the step (detached advantage, target Q, V(s') without
+        gradient); a loss reaching another network changes IQL."""
         args = self.args
         with torch.no_grad():
             target_q = self.qf_target(obs, actions).min(0).values
@@ -292,9 +280,6 @@ class IQL(ActorCritic):
         advantage = (target_q - v).detach()
         actor_loss = iql_actor_loss(self.actor.log_prob(obs, actions), advantage, args.beta, args.exp_adv_max)
         total_loss, metrics = value_loss + q_loss + actor_loss, [q_loss, value_loss, actor_loss, qs.mean()]
-        if constraint is not None:  # one more critic pass, at the actor's deterministic action
-            constraint_loss, gate_mean = self.behavior_constraint(obs, self.actor(obs), *constraint)
-            total_loss, metrics = total_loss + constraint_loss, metrics + [constraint_loss, gate_mean]
         return total_loss, torch.stack(metrics).detach()
 
     @torch.no_grad()
@@ -335,13 +320,12 @@ class CQL(ActorCritic):
         """The conservative penalty stays during fine-tuning, with its online weight."""
         self.cql_alpha.fill_(self.args.cql_alpha if self.args.online_cql_alpha is None else self.args.online_cql_alpha)
 
-    def losses(self, obs, actions, rewards, next_obs, terminals, weights, constraint=None):
-        """CQL's temperature, actor and critic losses, summed (with the constraint's actor term when given). One
-        step on the sum equals CORL's three sequential updates because each loss reaches only its own parameter
-        group, from parameters as they were before the step (the actor sees detached critic weights; TD target and
-        sampled actions without gradient; alpha detached in the actor loss). An edit that lets a loss reach another
-        network (Q(s, pi(s)) through the live critics) changes the algorithm. Batch B, n = --cql-n-actions, one
-        actor pass and one critic pass, all at s as in CORL:
+    def losses(self, obs, actions, rewards, next_obs, terminals, weights):
+        """CQL's temperature, actor and critic losses, summed. One step on the sum equals CORL's three sequential
+        updates because each loss reaches only its own parameter group, from parameters as they were before the step
+        (the actor sees detached critic weights; TD target and sampled actions without gradient; alpha detached in
+        the actor loss). An edit that lets a loss reach another network (Q(s, pi(s)) through the live critics)
+        changes the algorithm. Batch B, n = --cql-n-actions, one actor pass and one critic pass, all at s as in CORL:
             sampled = [pi(s') | pi(s) x n | pi(s') x n]      rows B + 2Bn, no gradient
             q_all   = [data | uniform | pi(s) | pi(s')]      columns B + 3Bn, per critic
         """
@@ -370,10 +354,6 @@ class CQL(ActorCritic):
         penalty = cql_penalty(q_sampled, log_density, q_data, args.cql_temperature)
         total_loss = q_loss + self.cql_alpha * penalty + actor_loss + alpha_loss
         metrics = [q_loss, penalty, actor_loss, q_data.mean(), alpha]
-        if constraint is not None:  # at the actor's deterministic action
-            policy_actions = self.actor(obs, deterministic=True)[0]
-            constraint_loss, gate_mean = self.behavior_constraint(obs, policy_actions, *constraint)
-            total_loss, metrics = total_loss + constraint_loss, metrics + [constraint_loss, gate_mean]
         return total_loss, torch.stack(metrics).detach()
 
     @torch.no_grad()
