@@ -112,9 +112,8 @@ class GaussianPolicy(nn.Module):
 
 
 class TanhGaussianActor(nn.Module):
-    """CQL's actor, as CORL builds it: a = max_action * tanh(u), u ~ N(mean(s), std(s)), 3 hidden layers
-    with PyTorch's default initialization and a near-zero output layer; log std = m * (net's output) + c
-    with trainable scalars m and c (1 and -1 at the start)."""
+    """CQL's actor as CORL builds it: a = max_action * tanh(u), u ~ N(mean(s), std(s)), 3 hidden layers (PyTorch's
+    default initialization, a near-zero output layer); log std = m * output + c, trainable m, c (1 and -1 at start)."""
 
     def __init__(self, obs_dim: int, act_dim: int, hidden_dim: int, max_action: float):
         super().__init__()
@@ -368,8 +367,7 @@ def episodes_to_transitions(episodes) -> dict:
 
 
 def load_offline_data(env_id: str):
-    """Transitions, their identity for the checkpoints (id, SHA-1, sizes), an environment maker
-    (`make_env(eval_env=...)`), reference scores (or None), the action bound. A failed load leaves no store it made."""
+    """Transitions, their identity (id, SHA-1, sizes), make_env(eval_env=...), reference scores or None, max action."""
     import minari
 
     store = os.environ.get("MINARI_DATASETS_PATH") or os.path.join(os.path.expanduser("~"), ".minari", "datasets")
@@ -383,7 +381,7 @@ def load_offline_data(env_id: str):
         except Exception as err:  # Minari's, the hub's and h5py's errors: each means this dataset cannot be read
             folder = os.path.join(store, dataset_id)
             local = os.path.isdir(os.path.join(folder, "data"))
-            if not had_store:
+            if not had_store:  # a failed load leaves no store it made
                 shutil.rmtree(store, ignore_errors=True)
             cause = (f"its files in {folder} cannot be read" if local else
                      f"it is not in the store {store} nor downloadable")

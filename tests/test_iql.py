@@ -1,7 +1,7 @@
 """IQL's losses with the BAQ weights (Eqs. 4, 8, 9) against hand-computed values."""
 import copy
-import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -105,7 +105,24 @@ def test_compiled_update_matches_eager():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
 
 
-def test_discounted_returns_to_go():
-    returns = baq_iql.discounted_returns_to_go([1.0, 2.0, 4.0], gamma=0.5)
-    assert returns.tolist() == pytest.approx([1 + 0.5 * 2 + 0.25 * 4, 2 + 0.5 * 4, 4.0])
-    assert math.isclose(returns[0], 3.0)
+def test_q_bias_is_q_over_the_reward_scale_minus_the_discounted_return_to_go():
+    """evaluate's Q bias: the mean over visited states of Q(s_t, a_t) / reward_scale - sum_k gamma^k r_(t+k)."""
+    class ThreeSteps:  # rewards 1, 2, 4, then the episode terminates
+        def reset(self, seed):
+            self.t = 0
+            return np.zeros(2, dtype=np.float32), {}
+
+        def step(self, action):
+            self.t += 1
+            return np.zeros(2, dtype=np.float32), [1.0, 2.0, 4.0][self.t - 1], self.t == 3, False, {}
+
+    class ConstantQ:
+        def act(self, obs, deterministic):
+            return torch.zeros(len(obs), 1)
+
+        def q_value(self, obs, actions):
+            return torch.full((len(obs),), 10.0)
+
+    returns, q_bias = baq_iql.evaluate(ConstantQ(), ThreeSteps(), lambda obs: obs, 2, 0, 0.5, 2.0, "cpu")
+    assert returns.tolist() == [7.0, 7.0]
+    assert q_bias == pytest.approx(10.0 / 2.0 - (3.0 + 4.0 + 4.0) / 3)  # returns-to-go 1 + 1 + 1, 2 + 2, 4

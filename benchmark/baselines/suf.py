@@ -164,9 +164,8 @@ class TwinQ(nn.Module):
 
 
 class TanhGaussianActor(nn.Module):
-    """CQL's actor, as CORL builds it: a = max_action * tanh(u), u ~ N(mean(s), std(s)), 3 hidden layers
-    with PyTorch's default initialization and a near-zero output layer; log std = m * (net's output) + c
-    with trainable scalars m and c (1 and -1 at the start)."""
+    """CQL's actor as CORL builds it: a = max_action * tanh(u), u ~ N(mean(s), std(s)), 3 hidden layers (PyTorch's
+    default initialization, a near-zero output layer); log std = m * output + c, trainable m, c (1 and -1 at start)."""
 
     def __init__(self, obs_dim: int, act_dim: int, hidden_dim: int, max_action: float):
         super().__init__()
@@ -394,10 +393,6 @@ def normalized_score(episode_return, ref_scores):
     return 100.0 * (np.asarray(episode_return) - ref_scores[0]) / (ref_scores[1] - ref_scores[0])
 
 
-def discounted_returns_to_go(rewards, gamma: float):
-    return np.asarray(list(itertools.accumulate(reversed(rewards), lambda g, r: r + gamma * g))[::-1])
-
-
 def evaluate(agent, env, normalize, episodes: int, seed: int, gamma: float, reward_scale: float, device):
     """Deterministic episodes' returns and the Q bias: mean of Q(s_t, a_t) / reward_scale - return-to-go."""
     episode_returns, q_errors = [], []
@@ -411,7 +406,8 @@ def evaluate(agent, env, normalize, episodes: int, seed: int, gamma: float, rewa
             rewards.append(reward)
             done = terminated or truncated
         q = agent.q_value(torch.stack(states), torch.stack(actions)).cpu().numpy() / reward_scale
-        q_errors.append(q - discounted_returns_to_go(rewards, gamma))
+        returns_to_go = list(itertools.accumulate(reversed(rewards), lambda g, r: r + gamma * g))[::-1]
+        q_errors.append(q - np.asarray(returns_to_go))
         episode_returns.append(sum(rewards))
     return np.asarray(episode_returns), float(np.concatenate(q_errors).mean())
 
@@ -654,8 +650,7 @@ def episodes_to_transitions(episodes) -> dict:
 
 
 def load_offline_data(env_id: str):
-    """Transitions, their identity for the checkpoints (id, SHA-1, sizes), an environment maker
-    (`make_env(eval_env=...)`), reference scores (or None), the action bound. A failed load leaves no store it made."""
+    """Transitions, their identity (id, SHA-1, sizes), make_env(eval_env=...), reference scores or None, max action."""
     import minari
 
     store = os.environ.get("MINARI_DATASETS_PATH") or os.path.join(os.path.expanduser("~"), ".minari", "datasets")
@@ -669,7 +664,7 @@ def load_offline_data(env_id: str):
         except Exception as err:  # Minari's, the hub's and h5py's errors: each means this dataset cannot be read
             folder = os.path.join(store, dataset_id)
             local = os.path.isdir(os.path.join(folder, "data"))
-            if not had_store:
+            if not had_store:  # a failed load leaves no store it made
                 shutil.rmtree(store, ignore_errors=True)
             cause = (f"its files in {folder} cannot be read" if local else
                      f"it is not in the store {store} nor downloadable")
@@ -697,8 +692,7 @@ def load_offline_data(env_id: str):
 
 
 def data_statistics(data: dict, args, offline_checkpoint):
-    """Observation mean and std and the reward scale: an offline checkpoint's (another --reward-scale is refused),
-    else the dataset's. The reward scale in force goes into args, so the records name it."""
+    """Observation mean, std and reward scale: an offline checkpoint's, else the dataset's; args record the scale."""
     if offline_checkpoint:
         obs_mean, obs_std = offline_checkpoint["obs_mean"].numpy(), offline_checkpoint["obs_std"].numpy()
         reward_scale = offline_checkpoint["reward_scale"]
