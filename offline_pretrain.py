@@ -1,5 +1,5 @@
 # Offline pretraining alone, in one file: exactly the offline phase of baq_iql.py (--algo iql) or
-# baq_cql.py (--algo cql), with the same defaults, networks and code, writing an `offline.pt` that they
+# baq_cql.py (--algo cql), with the same defaults, networks, losses and batches, writing an `offline.pt` that they
 # accept with --offline-checkpoint. 1M updates take hours on a CPU: a resumable checkpoint is written
 # periodically, and --resume continues a run exactly where it stopped.
 #
@@ -363,47 +363,6 @@ class CQL(ActorCritic):
 AGENTS = {"iql": IQL, "cql": CQL}
 
 
-# ===== The replay buffer (the fine-tuning scripts' own; offline, every w and rho is 1) ======================
-class ReplayBuffer:
-    """Transitions on the device with their w (Eq. 6) and rho (Eq. 10), fixed on entry (pi_BC is frozen); exact
-    sampling P_i = rho_i / sum_j rho_j, O(log n), by a binary search in a float64 prefix sum of rho."""
-
-    def __init__(self, capacity: int, obs_dim: int, act_dim: int, device, seed: int):
-        def zeros(*shape, dtype=torch.float32):
-            return torch.zeros(capacity, *shape, dtype=dtype, device=device)
-
-        self.observations, self.next_observations = zeros(obs_dim), zeros(obs_dim)
-        self.actions, self.rewards, self.terminals = zeros(act_dim), zeros(), zeros()
-        self.weights, self.priorities = zeros(), zeros()
-        self.priority_prefix_sum = zeros(dtype=torch.float64)
-        self.capacity, self.size, self.device = capacity, 0, device
-        self.generator = torch.Generator(device).manual_seed(seed)
-
-    def add(self, obs, actions, rewards, next_obs, terminals, weights=1.0, priorities=1.0):
-        n, start = len(rewards), self.size
-        if start + n > self.capacity:  # a slice past the end would broadcast the rows away silently
-            raise ValueError(f"replay buffer overflow: {start} + {n} > capacity {self.capacity}")
-        end = start + n
-        for column, value in ((self.observations, obs), (self.actions, actions), (self.rewards, rewards),
-                              (self.next_observations, next_obs), (self.terminals, terminals),
-                              (self.weights, weights), (self.priorities, priorities)):
-            column[start:end] = torch.as_tensor(value, dtype=column.dtype, device=self.device)
-        previous = self.priority_prefix_sum[start - 1] if start > 0 else 0.0
-        self.priority_prefix_sum[start:end] = previous + torch.cumsum(self.priorities[start:end].double(), 0)
-        self.size = end
-
-    def sample(self, batch_size: int, prioritized: bool = False):
-        """Indices and (s, a, r, s', terminal) of a batch, uniform or with P_i = rho_i / sum_j rho_j."""
-        if prioritized:
-            total = self.priority_prefix_sum[self.size - 1]
-            u = torch.rand(batch_size, dtype=torch.float64, device=self.device, generator=self.generator) * total
-            idx = torch.searchsorted(self.priority_prefix_sum[: self.size], u, right=True).clamp_(max=self.size - 1)
-        else:
-            idx = torch.randint(0, self.size, (batch_size,), device=self.device, generator=self.generator)
-        return idx, (self.observations[idx], self.actions[idx], self.rewards[idx], self.next_observations[idx],
-                     self.terminals[idx])
-
-
 # ===== Evaluation and logging: the D4RL normalized score, the Q bias, averaged metrics =======================
 def normalized_score(episode_return, ref_scores):
     """D4RL normalized score: 100 * (R - R_random) / (R_expert - R_random)."""
@@ -475,9 +434,11 @@ def main(args: Args):
     def normalize(obs):
         return (obs - obs_mean) / obs_std
 
-    buffer = ReplayBuffer(n_offline, obs_dim, act_dim, device, args.seed)
-    buffer.add(normalize(data["observations"]), data["actions"], data["rewards"] * reward_scale,
-               normalize(data["next_observations"]), data["terminals"])
+    # the fine-tuning scripts' offline data and replay sampler (offline, every w and rho of their buffer is 1)
+    columns = [torch.as_tensor(column, dtype=torch.float32, device=device) for column in (
+        normalize(data["observations"]), data["actions"], data["rewards"] * reward_scale,
+        normalize(data["next_observations"]), data["terminals"])]
+    sampler = torch.Generator(device).manual_seed(args.seed)
     del data
 
     if resume:
@@ -499,14 +460,15 @@ def main(args: Args):
     if resume:
         agent.load_pretrained(resume["state_dict"])
         metric_sum.copy_(resume["metric_sum"])
-        restore_random_state(resume["rng"], buffer, device)
+        restore_random_state(resume["rng"], sampler, device)
     unit_weights, start = torch.ones(args.batch_size, device=device), time.time()
     steps = tqdm(range(start_step + 1, args.offline_steps + 1), f"offline {args.algo.upper()}", unit="update",
                  mininterval=10)
     for step in steps:
         if args.algo == "iql":  # cosine decay of the actor lr, ending with the offline phase
             agent.set_actor_lr(args.actor_lr * 0.5 * (1.0 + math.cos(math.pi * (step - 1) / args.offline_steps)))
-        metric_sum += agent.update(buffer.sample(args.batch_size)[1], unit_weights)
+        idx = torch.randint(0, n_offline, (args.batch_size,), device=device, generator=sampler)
+        metric_sum += agent.update([column[idx] for column in columns], unit_weights)
         if step % args.log_every == 0 or step == args.offline_steps:
             count = step % args.log_every or args.log_every
             log_metrics(writer, "offline/losses/", agent.METRICS, metric_sum, count, step)
@@ -518,7 +480,7 @@ def main(args: Args):
         if (args.checkpoint_every and step % args.checkpoint_every == 0) or stopping:
             save_checkpoint(os.path.join(run_dir, "resume.pt"), "resume", args.algo,
                             {"agent": agent.state_dict(), "optimizer": agent.optimizer.state_dict()}, context, args,
-                            step=step, metric_sum=metric_sum.cpu(), rng=random_state(buffer, device))
+                            step=step, metric_sum=metric_sum.cpu(), rng=random_state(sampler, device))
         if stopping:
             steps.close()
             print(f"stopped after {args.stop_after} updates (update {step} of {args.offline_steps}); continue with "
@@ -776,22 +738,22 @@ def continue_run(args, resume: dict, context: dict, total: int, unit: str):
     return resume["step"], run_dir, writer
 
 
-def random_state(buffer, device) -> dict:
+def random_state(sampler, device) -> dict:
     """The generators a run draws from (torch's and the replay sampler's), for an exact resume."""
-    state = {"buffer": buffer.generator.get_state(), "torch": torch.get_rng_state()}
+    state = {"buffer": sampler.get_state(), "torch": torch.get_rng_state()}
     if device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
-def restore_random_state(state: dict, buffer, device):
+def restore_random_state(state: dict, sampler, device):
     """Exact on the device the run was saved on: a generator's state cannot move to another device."""
     torch.set_rng_state(state["torch"])
     if ("cuda" in state) != (device.type == "cuda"):
         print(f"note: saved on {'cuda' if 'cuda' in state else 'cpu'}, resumed on {device.type}: the replay sampler "
               f"starts a new random stream, so the run goes on, but not as the uninterrupted one would have")
         return
-    buffer.generator.set_state(state["buffer"])
+    sampler.set_state(state["buffer"])
     if device.type == "cuda":
         torch.cuda.set_rng_state(state["cuda"])
 

@@ -775,22 +775,22 @@ def continue_run(args, resume: dict, context: dict, total: int, unit: str):
     return resume["step"], run_dir, writer
 
 
-def random_state(buffer, device) -> dict:
+def random_state(sampler, device) -> dict:
     """The generators a run draws from (torch's and the replay sampler's), for an exact resume."""
-    state = {"buffer": buffer.generator.get_state(), "torch": torch.get_rng_state()}
+    state = {"buffer": sampler.get_state(), "torch": torch.get_rng_state()}
     if device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
-def restore_random_state(state: dict, buffer, device):
+def restore_random_state(state: dict, sampler, device):
     """Exact on the device the run was saved on: a generator's state cannot move to another device."""
     torch.set_rng_state(state["torch"])
     if ("cuda" in state) != (device.type == "cuda"):
         print(f"note: saved on {'cuda' if 'cuda' in state else 'cpu'}, resumed on {device.type}: the replay sampler "
               f"starts a new random stream, so the run goes on, but not as the uninterrupted one would have")
         return
-    buffer.generator.set_state(state["buffer"])
+    sampler.set_state(state["buffer"])
     if device.type == "cuda":
         torch.cuda.set_rng_state(state["cuda"])
 
@@ -824,7 +824,7 @@ def save_online_phase(run_dir: str, agent, buffer, n_offline: int, env_random_st
                     {"agent": agent.state_dict(), "optimizer": agent.optimizer.state_dict()}, context, args,
                     method=METHOD, step=step, online_transitions=online,
                     critic_sum=critic_sum.cpu(), actor_sum=actor_sum.cpu(), counts=dict(counts),
-                    rng=random_state(buffer, critic_sum.device), env_random_state=env_random_state)
+                    rng=random_state(buffer.generator, critic_sum.device), env_random_state=env_random_state)
 
 
 def restore_online_phase(resume: dict, buffer, env, critic_sum, actor_sum, counts: dict):
@@ -834,7 +834,7 @@ def restore_online_phase(resume: dict, buffer, env, critic_sum, actor_sum, count
     critic_sum.copy_(resume["critic_sum"])
     actor_sum.copy_(resume["actor_sum"])
     counts.update(resume["counts"])
-    restore_random_state(resume["rng"], buffer, critic_sum.device)
+    restore_random_state(resume["rng"], buffer.generator, critic_sum.device)
     env.np_random.bit_generator.state = resume["env_random_state"]
     return env.reset()[0]
 
