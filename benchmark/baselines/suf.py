@@ -431,6 +431,21 @@ def log_metrics(writer, prefix: str, names, metric_sum, count: int, step: int):
                  f"{writer.log_dir}; lower the learning rates or the reward scale.")
 
 
+def log_update_counts(writer, agent, critic_sum, actor_sum, counts: dict, step: int, start_step: int, start: float):
+    """The losses averaged over the updates since the last log, the update counts and the steps per second."""
+    critic_count = counts["critic_updates"] - counts["logged_critic"]
+    actor_count = counts["actor_updates"] - counts["logged_actor"]
+    log_metrics(writer, "losses/", agent.CRITIC_METRICS, critic_sum, critic_count, step)
+    if actor_count:
+        log_metrics(writer, "losses/", agent.ACTOR_METRICS, actor_sum, actor_count, step)
+    writer.add_scalar("charts/critic_updates", counts["critic_updates"], step)
+    writer.add_scalar("charts/actor_updates", counts["actor_updates"], step)
+    writer.add_scalar("charts/SPS", int((step - start_step) / (time.time() - start)), step)
+    critic_sum.zero_()
+    actor_sum.zero_()
+    counts.update(logged_critic=counts["critic_updates"], logged_actor=counts["actor_updates"])
+
+
 # ===== The run: SUF fine-tuning online from the offline checkpoint ==========================================
 def main(args: Args):
     resume = None
@@ -793,22 +808,7 @@ def restore_random_state(state: dict, sampler, device):
         torch.cuda.set_rng_state(state["cuda"])
 
 
-# --- the online phase: its logs and its resume.pt --------------------------------------------
-def log_update_counts(writer, agent, critic_sum, actor_sum, counts: dict, step: int, start_step: int, start: float):
-    """The losses averaged over the updates since the last log, the update counts and the steps per second."""
-    critic_count = counts["critic_updates"] - counts["logged_critic"]
-    actor_count = counts["actor_updates"] - counts["logged_actor"]
-    log_metrics(writer, "losses/", agent.CRITIC_METRICS, critic_sum, critic_count, step)
-    if actor_count:
-        log_metrics(writer, "losses/", agent.ACTOR_METRICS, actor_sum, actor_count, step)
-    writer.add_scalar("charts/critic_updates", counts["critic_updates"], step)
-    writer.add_scalar("charts/actor_updates", counts["actor_updates"], step)
-    writer.add_scalar("charts/SPS", int((step - start_step) / (time.time() - start)), step)
-    critic_sum.zero_()
-    actor_sum.zero_()
-    counts.update(logged_critic=counts["critic_updates"], logged_actor=counts["actor_updates"])
-
-
+# --- the online phase's resume.pt ----------------------------------------------------------
 ONLINE_COLUMNS = ("observations", "actions", "rewards", "next_observations", "terminals", "weights", "priorities")
 
 
