@@ -322,7 +322,8 @@ def start_run(args, description: str):
 
 def stop_on_interrupt():
     """Ctrl-C or SIGTERM: one line on what was saved, exit 130."""
-    hint = "the run had finished" if SAVED else "nothing was saved yet, so rerun the command to start again"
+    hint = ("pi_BC is complete (pass it as --bc-checkpoint), its evaluation did not finish" if SAVED
+            else "nothing was saved yet, so rerun the command to start again")
     print(f"\ninterrupted: saved {', '.join(SAVED) or 'no checkpoint'}; {hint}.", file=sys.stderr)
     raise SystemExit(130)
 

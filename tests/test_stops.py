@@ -57,6 +57,17 @@ def test_ctrl_c_in_offline_pretraining_says_how_to_resume(minari_store, tmp_path
     assert "offline IQL" in stderr  # the progress bar
 
 
+def test_ctrl_c_after_bc_pt_says_it_is_complete_and_the_evaluation_is_not(minari_store, tmp_path):
+    flags = ["--bc-steps", "20", "--eval-episodes", "1000000", "--batch-size", "32", "--hidden-dim", "32", "--no-cuda",
+             "--threads", "1"]
+    process = start("bc_pretrain.py", minari_store, tmp_path / "runs", *flags)
+    code, _, stderr = interrupt_once_written(process, tmp_path / "runs", "bc.pt")
+    assert code == 130 and "Traceback" not in stderr, stderr
+    line = stderr.strip().splitlines()[-1]
+    assert f"saved {next((tmp_path / 'runs').glob('*/bc.pt'))}" in line
+    assert "--bc-checkpoint" in line and "evaluation did not finish" in line
+
+
 @pytest.mark.parametrize("script, progress_bar", [("bc_pretrain.py", "pi_BC (Eq. 2)"), ("baq_cql.py", "offline CQL")])
 def test_ctrl_c_before_any_checkpoint_says_so(minari_store, tmp_path, script, progress_bar):
     """Interrupted once its updates run (on Python 3.11 a Ctrl-C inside a first import, such as torch's lazy
