@@ -113,18 +113,6 @@ def behavior_priority(divergence, act_dim: int, krho: float, alpha: float):
     return (torch.sqrt(divergence * act_dim) / krho + 1.0).pow(alpha)
 
 
-def set_offline_behavior_terms(buffer, weights, priorities):
-    """The offline transitions entered the buffer before pi_BC existed; give them their w and rho."""
-    buffer.weights[: buffer.size] = weights
-    buffer.priorities[: buffer.size] = priorities
-    buffer.priority_prefix_sum[: buffer.size] = torch.cumsum(buffer.priorities[: buffer.size].double(), 0)
-
-
-def constraint_coefficient(coef: float, confident, half_life: int):
-    """lambda_t = lambda_0 / (1 + n_conf / n_half), n_conf: the online transitions with |Q1 - Q2| < delta_0."""
-    return coef / (1.0 + confident / half_life)
-
-
 def train_bc(observations, actions, max_action: float, args: Args, writer):
     """Eq. 2: pi_BC = argmin E_(s,a)~D[-log pi(a|s)]; its own seed streams make it the same in every script."""
     device = observations.device
@@ -248,10 +236,6 @@ class ActorCritic(nn.Module):
         for group, lr in zip(self.optimizer.param_groups, learning_rates):
             group["lr"] = lr
 
-    @torch.no_grad()
-    def q_value(self, obs, actions):
-        return self.qf(obs, actions).min(0).values
-
 
 class IQL(ActorCritic):
     """IQL's actor (the same Gaussian policy as pi_BC), twin Q and V, trained by one optimizer."""
@@ -275,10 +259,6 @@ class IQL(ActorCritic):
 
     def set_actor_lr(self, lr: float):
         self.optimizer.param_groups[0]["lr"] = lr
-
-    def start_online(self):
-        """The offline cosine schedule ends with the offline phase: a constant actor lr online."""
-        self.set_actor_lr(self.args.actor_lr)
 
     def losses(self, obs, actions, rewards, next_obs, terminals, weights):
         """IQL's V, Q and actor losses, summed. One step on the sum equals CORL's three separate updates: each loss
@@ -307,7 +287,11 @@ class IQL(ActorCritic):
 
 
 class Agent(IQL):
-    """IQL, plus the adaptive behavior constraint's actor term when `main` passes one (online)."""
+    """IQL online: its fine-tuning setting, and the adaptive behavior constraint's term when `main` passes one."""
+
+    def start_online(self):
+        """The offline cosine schedule ends with the offline phase: a constant actor lr online."""
+        self.set_actor_lr(self.args.actor_lr)
 
     @torch.no_grad()
     def q_disagreement(self, obs, actions):
@@ -316,8 +300,8 @@ class Agent(IQL):
         return (qs[0] - qs[1]).abs()
 
     def behavior_constraint(self, obs, policy_actions, bc_actions, coef, scale):
-        """The adaptive behavior constraint (our reading of the later paper): lambda_t E_s[u(s) mean((pi(s) -
-        pi_BC(s))^2)], gate u(s) = 1 - exp(-delta(s, pi(s)) / delta_0) without gradient. Returns it, mean u."""
+        """The later paper's term, as we read it: lambda_t E_s[u(s) mean((pi(s) - pi_BC(s))^2)], and the mean gate u;
+        u(s) = 1 - exp(-delta(s, pi(s)) / delta_0) without gradient."""
         gate = 1.0 - torch.exp(-self.q_disagreement(obs, policy_actions.detach()) / scale)
         return coef * (gate * (policy_actions - bc_actions).pow(2).mean(-1)).mean(), gate.mean()
 
@@ -378,8 +362,9 @@ def normalized_score(episode_return, ref_scores):
     return 100.0 * (np.asarray(episode_return) - ref_scores[0]) / (ref_scores[1] - ref_scores[0])
 
 
+@torch.no_grad()
 def evaluate(agent, env, normalize, episodes: int, seed: int, gamma: float, reward_scale: float, device):
-    """Deterministic episodes' returns and the Q bias: mean of Q(s_t, a_t) / reward_scale - return-to-go."""
+    """Deterministic episodes' returns and the Q bias: mean of min_i Q_i(s_t, a_t) / reward_scale - return-to-go."""
     episode_returns, q_errors = [], []
     for episode in range(episodes):
         obs, _ = env.reset(seed=seed + episode)
@@ -390,7 +375,7 @@ def evaluate(agent, env, normalize, episodes: int, seed: int, gamma: float, rewa
             obs, reward, terminated, truncated, _ = env.step(actions[-1].cpu().numpy())
             rewards.append(reward)
             done = terminated or truncated
-        q = agent.q_value(torch.stack(states), torch.stack(actions)).cpu().numpy() / reward_scale
+        q = agent.qf(torch.stack(states), torch.stack(actions)).min(0).values.cpu().numpy() / reward_scale
         returns_to_go = list(itertools.accumulate(reversed(rewards), lambda g, r: r + gamma * g))[::-1]
         q_errors.append(q - np.asarray(returns_to_go))
         episode_returns.append(sum(rewards))
@@ -440,9 +425,9 @@ def main(args: Args):
     def normalize(obs):
         return (obs - obs_mean) / obs_std
 
-    buffer = ReplayBuffer(n_offline + args.online_steps, obs_dim, act_dim, device, args.seed)
-    buffer.add(normalize(data["observations"]), data["actions"], data["rewards"] * reward_scale,
-               normalize(data["next_observations"]), data["terminals"])  # w = rho = 1 until pi_BC exists
+    offline = [torch.as_tensor(column, dtype=torch.float32, device=device) for column in (
+        normalize(data["observations"]), data["actions"], data["rewards"] * reward_scale,
+        normalize(data["next_observations"]), data["terminals"])]  # (s, a, r, s', terminal)
     del data
     run_dir, writer = start_run(args, f"{n_offline} offline transitions, obs {obs_dim}, actions {act_dim}, "
                                       f"reward scale {reward_scale:.4g}, device {device}")
@@ -464,11 +449,13 @@ def main(args: Args):
     else:
         metric_sum, start = torch.zeros(len(Agent.METRICS), device=device), time.time()
         unit_weights = torch.ones(args.batch_size, device=device)  # offline, w = 1: plain IQL
+        sampler = torch.Generator(device).manual_seed(args.seed)  # uniform batches of the offline data
         for step in tqdm(range(1, args.offline_steps + 1), f"offline {ALGORITHM.upper()}", unit="update",
                          mininterval=10):
             # cosine decay of the actor lr, ending with the offline phase
             agent.set_actor_lr(args.actor_lr * 0.5 * (1.0 + math.cos(math.pi * (step - 1) / args.offline_steps)))
-            metric_sum += agent.update(buffer.sample(args.batch_size)[1], unit_weights)
+            idx = torch.randint(0, n_offline, (args.batch_size,), device=device, generator=sampler)
+            metric_sum += agent.update([column[idx] for column in offline], unit_weights)
             if step % args.log_every == 0 or step == args.offline_steps:
                 count = step % args.log_every or args.log_every
                 log_metrics(writer, "offline/losses/", Agent.METRICS, metric_sum, count, step)
@@ -486,12 +473,12 @@ def main(args: Args):
         bc_policy.load_state_dict(bc_checkpoint["state_dict"])
         print(f"BC phase skipped: loaded {args.bc_checkpoint}")
     else:
-        bc_policy = train_bc(buffer.observations[:n_offline], buffer.actions[:n_offline], max_action, args, writer)
+        bc_policy = train_bc(offline[0], offline[1], max_action, args, writer)
         save_checkpoint(os.path.join(run_dir, "bc.pt"), "bc", "bc", bc_policy.state_dict(), context, args)
     bc_policy.requires_grad_(False).eval()
 
     # --- BAQ terms of the offline data: computed once, kept in the buffer ---------------------
-    offline_divergence = bc_divergence(bc_policy, buffer.observations[:n_offline], buffer.actions[:n_offline])
+    offline_divergence = bc_divergence(bc_policy, offline[0], offline[1])
     kq = (args.kq or offline_divergence.mean().item()) * args.kq_scale
     krho = args.krho or torch.sqrt(offline_divergence * act_dim).mean().item()
 
@@ -501,7 +488,9 @@ def main(args: Args):
 
     offline_w, offline_rho = behavior_terms(offline_divergence)
     offline_rho = offline_rho if args.offline_priorities else torch.ones_like(offline_rho)  # Sec. 4.3: offline rho = 1
-    set_offline_behavior_terms(buffer, offline_w, offline_rho)
+    buffer = ReplayBuffer(n_offline + args.online_steps, obs_dim, act_dim, device, args.seed + 2)
+    buffer.add(*offline, offline_w, offline_rho)  # online transitions follow them
+    del offline
     reading = "every transition's (--offline-priorities)" if args.offline_priorities else "new transitions' only"
     summary = (f"k_q {kq:.4g}, k_rho {krho:.4g}, alpha {args.priority_alpha}, Eq. 10 priorities: {reading}; "
                f"offline data: w mean {offline_w.mean():.3f} (min {offline_w.min():.3f}), "
@@ -520,7 +509,6 @@ def main(args: Args):
 
     # --- online fine-tuning -------------------------------------------------------------------
     torch.manual_seed(args.seed + 2)  # the same online phase whether the earlier phases ran or were loaded
-    buffer.generator.manual_seed(args.seed + 2)
     env = gym.wrappers.RecordEpisodeStatistics(make_env())
     obs, _ = env.reset(seed=args.seed)
     loss_tags = [f"losses/{name}" for name in Agent.METRICS]
@@ -546,7 +534,7 @@ def main(args: Args):
         constraint = None
         if args.behavior_constraint:  # n_conf counts this transition when the critics agree at pi(s)
             confident += (agent.q_disagreement(state, agent.act(state, deterministic=True)) < delta_0).sum()
-            coef = constraint_coefficient(args.constraint_coef, confident, args.constraint_half_life)
+            coef = args.constraint_coef / (1.0 + confident / args.constraint_half_life)  # lambda_t
             constraint = (bc_policy(batch[0]), coef, scale)
         metrics = agent.update(batch, weights, constraint)  # Eqs. 8, 9: the critic losses weighted by w
         logged = {**dict(zip(loss_tags, metrics)),

@@ -232,10 +232,6 @@ class ActorCritic(nn.Module):
         for group, lr in zip(self.optimizer.param_groups, learning_rates):
             group["lr"] = lr
 
-    @torch.no_grad()
-    def q_value(self, obs, actions):
-        return self.qf(obs, actions).min(0).values
-
 
 class IQL(ActorCritic):
     """IQL's actor (the same Gaussian policy as pi_BC), twin Q and V, trained by one optimizer."""
@@ -259,10 +255,6 @@ class IQL(ActorCritic):
 
     def set_actor_lr(self, lr: float):
         self.optimizer.param_groups[0]["lr"] = lr
-
-    def start_online(self):
-        """The offline cosine schedule ends with the offline phase: a constant actor lr online."""
-        self.set_actor_lr(self.args.actor_lr)
 
     def losses(self, obs, actions, rewards, next_obs, terminals, weights):
         """IQL's V, Q and actor losses, summed. One step on the sum equals CORL's three separate updates: each loss
@@ -315,10 +307,6 @@ class CQL(ActorCritic):
         self.compute_losses = torch.compile(self.losses) if args.compile else self.losses
         self.args = args
 
-    def start_online(self):
-        """The conservative penalty stays during fine-tuning, with its online weight."""
-        self.cql_alpha.fill_(self.args.cql_alpha if self.args.online_cql_alpha is None else self.args.online_cql_alpha)
-
     def losses(self, obs, actions, rewards, next_obs, terminals, weights):
         """CQL's temperature, actor and critic losses, summed. One step on the sum equals CORL's three sequential
         updates because each loss reaches only its own parameter group, from parameters as they were before the step
@@ -369,8 +357,9 @@ def normalized_score(episode_return, ref_scores):
     return 100.0 * (np.asarray(episode_return) - ref_scores[0]) / (ref_scores[1] - ref_scores[0])
 
 
+@torch.no_grad()
 def evaluate(agent, env, normalize, episodes: int, seed: int, gamma: float, reward_scale: float, device):
-    """Deterministic episodes' returns and the Q bias: mean of Q(s_t, a_t) / reward_scale - return-to-go."""
+    """Deterministic episodes' returns and the Q bias: mean of min_i Q_i(s_t, a_t) / reward_scale - return-to-go."""
     episode_returns, q_errors = [], []
     for episode in range(episodes):
         obs, _ = env.reset(seed=seed + episode)
@@ -381,7 +370,7 @@ def evaluate(agent, env, normalize, episodes: int, seed: int, gamma: float, rewa
             obs, reward, terminated, truncated, _ = env.step(actions[-1].cpu().numpy())
             rewards.append(reward)
             done = terminated or truncated
-        q = agent.q_value(torch.stack(states), torch.stack(actions)).cpu().numpy() / reward_scale
+        q = agent.qf(torch.stack(states), torch.stack(actions)).min(0).values.cpu().numpy() / reward_scale
         returns_to_go = list(itertools.accumulate(reversed(rewards), lambda g, r: r + gamma * g))[::-1]
         q_errors.append(q - np.asarray(returns_to_go))
         episode_returns.append(sum(rewards))

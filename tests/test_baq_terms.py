@@ -71,9 +71,11 @@ def test_prioritized_sampling_follows_rho_also_after_appends(script):
     assert_frequencies(sampled_frequencies(buffer, True), priorities / priorities.sum())
 
 
-def test_offline_behavior_terms_rewrite_the_prefix_sum(script):
-    buffer = make_buffer(script, [1.0, 1.0, 1.0])
-    script.set_offline_behavior_terms(buffer, torch.tensor([0.5, 0.5, 0.5]), torch.tensor([1.0, 1.0, 6.0]))
+def test_the_offline_data_enters_with_its_w_and_rho(script):
+    """As `main` adds the offline data once pi_BC exists: tensors of w and rho, the prefix sum built from rho."""
+    buffer = script.ReplayBuffer(16, obs_dim=1, act_dim=1, device=torch.device("cpu"), seed=0)
+    ids = torch.arange(3.0)[:, None]
+    buffer.add(ids, ids, torch.zeros(3), ids, torch.zeros(3), torch.full((3,), 0.5), torch.tensor([1.0, 1.0, 6.0]))
     torch.testing.assert_close(buffer.weights[:3], torch.full((3,), 0.5))
     torch.testing.assert_close(buffer.priority_prefix_sum[:3], torch.tensor([1.0, 2.0, 8.0], dtype=torch.float64))
     assert_frequencies(sampled_frequencies(buffer, True), np.array([0.125, 0.125, 0.75]))

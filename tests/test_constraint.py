@@ -75,19 +75,13 @@ def test_off_or_zero_weight_changes_nothing(script):
         torch.testing.assert_close(a, b, msg=name)
 
 
-def test_lambda_never_increases_and_halves_at_the_half_life(script):
-    confident = torch.tensor([0.0, 0.0, 1.0, 2500.0, 5000.0, 5000.0, 15000.0])  # a hand-built n_conf sequence
-    coef = script.constraint_coefficient(0.8, confident, 5000)
-    assert (coef[1:] <= coef[:-1]).all()
-    torch.testing.assert_close(coef[[0, 4, 6]], torch.tensor([0.8, 0.4, 0.2]))
-
-
 @pytest.mark.parametrize("name", PIPELINE_SCRIPTS)
 def test_a_run_with_the_constraint_logs_its_terms(run_script, tmp_path, name):
-    result, run_dir = run_script(f"{name}.py", tmp_path / "runs", "--behavior-constraint", "--constraint-half-life", "10")
+    result, run_dir = run_script(f"{name}.py", tmp_path / "runs", "--behavior-constraint", "--constraint-half-life", "1",
+                                 "--log-every", "1")
     assert result.returncode == 0, result.stderr
     lambda_0 = importlib.import_module(name).Args().constraint_coef  # each script's measured default
-    assert f"behavior constraint: lambda_0 {lambda_0}, n_half 10, delta_0" in result.stdout
+    assert f"behavior constraint: lambda_0 {lambda_0}, n_half 1, delta_0" in result.stdout
     assert run_dir.name.split("__")[1] == f"{name}-adaptive"
     scalars = read_scalars(run_dir)
     for tag in ("baq/constraint_coef", "baq/constraint_loss", "baq/uncertainty_mean", "baq/confident_transitions"):
@@ -95,7 +89,10 @@ def test_a_run_with_the_constraint_logs_its_terms(run_script, tmp_path, name):
         assert values and all(math.isfinite(v) for v in values), tag
     coefs = [value for _, value in scalars["baq/constraint_coef"]]
     assert all(0 < c <= lambda_0 for c in coefs)
-    assert all(later <= earlier * (1 + 1e-6) for earlier, later in zip(coefs, coefs[1:]))  # window means, float32
+    assert all(later <= earlier * (1 + 1e-6) for earlier, later in zip(coefs, coefs[1:]))  # float32
+    confident = [value for _, value in scalars["baq/confident_transitions"]]  # logged every step: n_conf itself
+    assert all(n == int(n) for n in confident) and confident == sorted(confident) and confident[-1] >= 1
+    assert coefs == pytest.approx([lambda_0 / (1 + n / 1) for n in confident], rel=1e-6)  # lambda_0 / (1 + n / n_half)
     assert all(0 <= u < 1 for _, u in scalars["baq/uncertainty_mean"])
 
 

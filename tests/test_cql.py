@@ -96,11 +96,11 @@ def test_one_optimizer_step_equals_corl_sequential_updates():
 
 
 def test_online_penalty_weight_is_a_flag():
-    agent = baq_cql.CQL(3, 2, 1.0, baq_cql.Args(compile=False, hidden_dim=8, online_cql_alpha=2.5))
+    agent = baq_cql.Agent(3, 2, 1.0, baq_cql.Args(compile=False, hidden_dim=8, online_cql_alpha=2.5))
     assert agent.cql_alpha.item() == 10.0
     agent.start_online()
     assert agent.cql_alpha.item() == 2.5
-    default = baq_cql.CQL(3, 2, 1.0, baq_cql.Args(compile=False, hidden_dim=8))
+    default = baq_cql.Agent(3, 2, 1.0, baq_cql.Args(compile=False, hidden_dim=8))
     default.start_online()
     assert default.cql_alpha.item() == 10.0
 

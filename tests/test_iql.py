@@ -120,8 +120,8 @@ def test_q_bias_is_q_over_the_reward_scale_minus_the_discounted_return_to_go():
         def act(self, obs, deterministic):
             return torch.zeros(len(obs), 1)
 
-        def q_value(self, obs, actions):
-            return torch.full((len(obs),), 10.0)
+        def qf(self, obs, actions):  # twin critics 10 and 12: the Q bias uses their minimum
+            return torch.stack([torch.full((len(obs),), 10.0), torch.full((len(obs),), 12.0)])
 
     returns, q_bias = baq_iql.evaluate(ConstantQ(), ThreeSteps(), lambda obs: obs, 2, 0, 0.5, 2.0, "cpu")
     assert returns.tolist() == [7.0, 7.0]

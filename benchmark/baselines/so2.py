@@ -236,10 +236,6 @@ class FineTuningAgent(nn.Module):
         self.step(loss)
         return metrics
 
-    @torch.no_grad()
-    def q_value(self, obs, actions):
-        return self.qf(obs, actions).min(0).values
-
 
 class FineTuneIQL(FineTuningAgent):
     """IQL as baq_iql.py builds it (same networks, parameter names and optimizer groups, so an IQL
@@ -395,8 +391,9 @@ def normalized_score(episode_return, ref_scores):
     return 100.0 * (np.asarray(episode_return) - ref_scores[0]) / (ref_scores[1] - ref_scores[0])
 
 
+@torch.no_grad()
 def evaluate(agent, env, normalize, episodes: int, seed: int, gamma: float, reward_scale: float, device):
-    """Deterministic episodes' returns and the Q bias: mean of Q(s_t, a_t) / reward_scale - return-to-go."""
+    """Deterministic episodes' returns and the Q bias: mean of min_i Q_i(s_t, a_t) / reward_scale - return-to-go."""
     episode_returns, q_errors = [], []
     for episode in range(episodes):
         obs, _ = env.reset(seed=seed + episode)
@@ -407,7 +404,7 @@ def evaluate(agent, env, normalize, episodes: int, seed: int, gamma: float, rewa
             obs, reward, terminated, truncated, _ = env.step(actions[-1].cpu().numpy())
             rewards.append(reward)
             done = terminated or truncated
-        q = agent.q_value(torch.stack(states), torch.stack(actions)).cpu().numpy() / reward_scale
+        q = agent.qf(torch.stack(states), torch.stack(actions)).min(0).values.cpu().numpy() / reward_scale
         returns_to_go = list(itertools.accumulate(reversed(rewards), lambda g, r: r + gamma * g))[::-1]
         q_errors.append(q - np.asarray(returns_to_go))
         episode_returns.append(sum(rewards))
