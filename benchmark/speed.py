@@ -174,14 +174,15 @@ def measure_baseline(name: str, args: Args, device, compile: bool) -> float:
             with torch.no_grad():
                 buffer.set_priorities(idx, script.off2on_priorities(density(batch[0], batch[1]), offline_w, 5.0))
     else:
-        buffer = filled_buffer(script, args, device)
+        buffer = script.UniformReplayBuffer(args.offline_size + ONLINE_CAPACITY, args.obs_dim, args.act_dim, device, 0)
+        buffer.add(*synthetic_data(args))
         actor_updates = 1 if method == "so2" else script_args.critic_updates // script_args.actor_delay
 
         def online_step():
             action = agent.act(transition, deterministic=False)
-            buffer.add(transition, action, [0.0], transition, [0.0], [1.0], [1.0])
+            buffer.add(transition, action, [0.0], transition, [0.0])
             for _ in range(script_args.critic_updates):
-                batch = buffer.sample(256)[1]
+                batch = buffer.sample(256)
                 agent.update_critic(batch)
             for _ in range(actor_updates):
                 agent.update_actor(batch)

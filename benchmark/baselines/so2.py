@@ -344,45 +344,33 @@ class FineTuneCQL(FineTuningAgent):
 FINE_TUNING_AGENTS = {"iql": FineTuneIQL, "cql": FineTuneCQL}
 
 
-# ===== The replay buffer (the BAQ scripts' own; every w and rho is 1: uniform replay) =======================
-class ReplayBuffer:
-    """Transitions on the device with their w (Eq. 6) and rho (Eq. 10), fixed on entry (pi_BC is frozen); exact
-    sampling P_i = rho_i / sum_j rho_j, O(log n), by a binary search in a float64 prefix sum of rho."""
+# ===== The replay buffer: offline and online data, uniform replay ==========================================
+class UniformReplayBuffer:
+    """Transitions on the device, sampled uniformly: the draws of the BAQ scripts' buffer when every rho is 1."""
 
     def __init__(self, capacity: int, obs_dim: int, act_dim: int, device, seed: int):
-        def zeros(*shape, dtype=torch.float32):
-            return torch.zeros(capacity, *shape, dtype=dtype, device=device)
+        def zeros(*shape):
+            return torch.zeros(capacity, *shape, device=device)
 
         self.observations, self.next_observations = zeros(obs_dim), zeros(obs_dim)
         self.actions, self.rewards, self.terminals = zeros(act_dim), zeros(), zeros()
-        self.weights, self.priorities = zeros(), zeros()
-        self.priority_prefix_sum = zeros(dtype=torch.float64)
         self.capacity, self.size, self.device = capacity, 0, device
         self.generator = torch.Generator(device).manual_seed(seed)
 
-    def add(self, obs, actions, rewards, next_obs, terminals, weights=1.0, priorities=1.0):
+    def add(self, obs, actions, rewards, next_obs, terminals):
         n, start = len(rewards), self.size
         if start + n > self.capacity:  # a slice past the end would broadcast the rows away silently
             raise ValueError(f"replay buffer overflow: {start} + {n} > capacity {self.capacity}")
-        end = start + n
         for column, value in ((self.observations, obs), (self.actions, actions), (self.rewards, rewards),
-                              (self.next_observations, next_obs), (self.terminals, terminals),
-                              (self.weights, weights), (self.priorities, priorities)):
-            column[start:end] = torch.as_tensor(value, dtype=column.dtype, device=self.device)
-        previous = self.priority_prefix_sum[start - 1] if start > 0 else 0.0
-        self.priority_prefix_sum[start:end] = previous + torch.cumsum(self.priorities[start:end].double(), 0)
-        self.size = end
+                              (self.next_observations, next_obs), (self.terminals, terminals)):
+            column[start:start + n] = torch.as_tensor(value, dtype=torch.float32, device=self.device)
+        self.size = start + n
 
-    def sample(self, batch_size: int, prioritized: bool = False):
-        """Indices and (s, a, r, s', terminal) of a batch, uniform or with P_i = rho_i / sum_j rho_j."""
-        if prioritized:
-            total = self.priority_prefix_sum[self.size - 1]
-            u = torch.rand(batch_size, dtype=torch.float64, device=self.device, generator=self.generator) * total
-            idx = torch.searchsorted(self.priority_prefix_sum[: self.size], u, right=True).clamp_(max=self.size - 1)
-        else:
-            idx = torch.randint(0, self.size, (batch_size,), device=self.device, generator=self.generator)
-        return idx, (self.observations[idx], self.actions[idx], self.rewards[idx], self.next_observations[idx],
-                     self.terminals[idx])
+    def sample(self, batch_size: int):
+        """(s, a, r, s', terminal) of a uniform batch."""
+        idx = torch.randint(0, self.size, (batch_size,), device=self.device, generator=self.generator)
+        return (self.observations[idx], self.actions[idx], self.rewards[idx], self.next_observations[idx],
+                self.terminals[idx])
 
 
 # ===== Evaluation and logging: the D4RL normalized score, the Q bias, averaged metrics =======================
@@ -474,9 +462,9 @@ def main(args: Args):
     def normalize(obs):
         return (obs - obs_mean) / obs_std
 
-    buffer = ReplayBuffer(n_offline + args.online_steps, obs_dim, act_dim, device, args.seed)
+    buffer = UniformReplayBuffer(n_offline + args.online_steps, obs_dim, act_dim, device, args.seed)
     buffer.add(normalize(data["observations"]), data["actions"], data["rewards"] * reward_scale,
-               normalize(data["next_observations"]), data["terminals"])  # w = rho = 1: uniform replay
+               normalize(data["next_observations"]), data["terminals"])
     del data
     if resume:
         start_step, run_dir, writer = continue_run(args, resume, context, args.online_steps, "online step")
@@ -521,7 +509,7 @@ def main(args: Args):
             obs, _ = env.reset()
 
         for _ in range(args.critic_updates):  # SO2: the raised update-to-data ratio
-            batch = buffer.sample(args.batch_size)[1]
+            batch = buffer.sample(args.batch_size)
             critic_sum += agent.update_critic(batch)
         actor_sum += agent.update_actor(batch)
         counts["critic_updates"] += args.critic_updates
@@ -808,7 +796,7 @@ def restore_random_state(state: dict, sampler, device):
 
 
 # --- the online phase's resume.pt ----------------------------------------------------------
-ONLINE_COLUMNS = ("observations", "actions", "rewards", "next_observations", "terminals", "weights", "priorities")
+ONLINE_COLUMNS = ("observations", "actions", "rewards", "next_observations", "terminals")
 
 
 def save_online_phase(run_dir: str, agent, buffer, n_offline: int, env_random_state: dict, critic_sum, actor_sum,
@@ -825,8 +813,7 @@ def save_online_phase(run_dir: str, agent, buffer, n_offline: int, env_random_st
 
 
 def restore_online_phase(resume: dict, buffer, env, critic_sum, actor_sum, counts: dict):
-    """Back to where save_online_phase left the run; returns the first observation of its next episode.
-    Every rho of these buffers is 1, so the online rows' prefix sums come back exact."""
+    """Back to where save_online_phase left the run; returns the first observation of its next episode."""
     buffer.add(*(resume["online_transitions"][name] for name in ONLINE_COLUMNS))
     critic_sum.copy_(resume["critic_sum"])
     actor_sum.copy_(resume["actor_sum"])
