@@ -57,6 +57,24 @@ def test_ctrl_c_in_offline_pretraining_says_how_to_resume(minari_store, tmp_path
     assert "offline IQL" in stderr  # the progress bar
 
 
+@pytest.mark.parametrize("path", ["offline_pretrain.py", "benchmark/baselines/so2.py", "benchmark/baselines/suf.py"])
+def test_ctrl_c_once_the_final_checkpoint_is_written_names_no_resume(path, monkeypatch, capsys):
+    """After the last resume.pt the run may still write its final checkpoint: then it has finished."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3] + "_stop", ROOT / path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    final = "offline" if path == "offline_pretrain.py" else "final"
+    for saved, expected in (({"r/resume.pt": "resume"}, "--resume r/resume.pt"),
+                            ({"r/resume.pt": "resume", f"r/{final}.pt": final}, "; the run had finished.")):
+        monkeypatch.setattr(script, "SAVED", saved)
+        with pytest.raises(SystemExit) as stop:
+            script.stop_on_interrupt()
+        line = capsys.readouterr().err.strip()
+        assert stop.value.code == 130 and expected in line and (final in saved.values()) != ("--resume" in line), line
+
+
 def test_ctrl_c_after_bc_pt_says_it_is_complete_and_the_evaluation_is_not(minari_store, tmp_path):
     flags = ["--bc-steps", "20", "--eval-episodes", "1000000", "--batch-size", "32", "--hidden-dim", "32", "--no-cuda",
              "--threads", "1"]

@@ -604,8 +604,9 @@ def start_run(args, description: str):
 def stop_on_interrupt():
     """Ctrl-C or SIGTERM: one line on what was saved and how --resume continues it exactly, exit 130."""
     resume = [path for path, kind in SAVED.items() if kind == "resume"]
-    hint = (f"continue it with `python {sys.argv[0]} --resume {resume[-1]}`" if resume else "the run had finished"
-            if SAVED else "nothing was saved yet, so rerun the command to start again")
+    hint = ("the run had finished" if set(SAVED.values()) - {"resume"} else
+            f"continue it with `python {sys.argv[0]} --resume {resume[-1]}`" if resume else
+            "nothing was saved yet, so rerun the command to start again")
     print(f"\ninterrupted: saved {', '.join(SAVED) or 'no checkpoint'}; {hint}.", file=sys.stderr)
     raise SystemExit(130)
 
