@@ -342,7 +342,7 @@ class CQL(ActorCritic):
 
 
 class Agent(CQL):
-    """CQL online: its fine-tuning setting, and the adaptive behavior constraint's term when `main` passes one."""
+    """CQL plus what fine-tuning adds: its online setting, and the adaptive behavior constraint's term when passed."""
 
     def start_online(self):
         """The conservative penalty stays during fine-tuning, with its online weight."""

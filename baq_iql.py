@@ -287,7 +287,7 @@ class IQL(ActorCritic):
 
 
 class Agent(IQL):
-    """IQL online: its fine-tuning setting, and the adaptive behavior constraint's term when `main` passes one."""
+    """IQL plus what fine-tuning adds: its online setting, and the adaptive behavior constraint's term when passed."""
 
     def start_online(self):
         """The offline cosine schedule ends with the offline phase: a constant actor lr online."""
