@@ -423,11 +423,10 @@ def main(args: Args):
     def normalize(obs):
         return (obs - obs_mean) / obs_std
 
-    # the fine-tuning scripts' offline data and replay sampler (offline, every w and rho of their buffer is 1)
-    columns = [torch.as_tensor(column, dtype=torch.float32, device=device) for column in (
+    offline = [torch.as_tensor(column, dtype=torch.float32, device=device) for column in (
         normalize(data["observations"]), data["actions"], data["rewards"] * reward_scale,
-        normalize(data["next_observations"]), data["terminals"])]
-    sampler = torch.Generator(device).manual_seed(args.seed)
+        normalize(data["next_observations"]), data["terminals"])]  # (s, a, r, s', terminal)
+    sampler = torch.Generator(device).manual_seed(args.seed)  # uniform batches, as the fine-tuning scripts draw them
     del data
 
     if resume:
@@ -457,7 +456,7 @@ def main(args: Args):
         if args.algo == "iql":  # cosine decay of the actor lr, ending with the offline phase
             agent.set_actor_lr(args.actor_lr * 0.5 * (1.0 + math.cos(math.pi * (step - 1) / args.offline_steps)))
         idx = torch.randint(0, n_offline, (args.batch_size,), device=device, generator=sampler)
-        metric_sum += agent.update([column[idx] for column in columns], unit_weights)
+        metric_sum += agent.update([column[idx] for column in offline], unit_weights)
         if step % args.log_every == 0 or step == args.offline_steps:
             count = step % args.log_every or args.log_every
             log_metrics(writer, "offline/losses/", agent.METRICS, metric_sum, count, step)
