@@ -1,7 +1,6 @@
-# BAQ on IQL in one file: offline IQL pretraining, the behavior-cloning reference pi_BC, and Behavior
-# Adaption Q-learning fine-tuning online, with evaluation, TensorBoard logging and checkpoints.
-# Paper: "From Static to Dynamic: Leveraging Implicit Behavioral Models to Facilitate Transition in
-# Offline-to-Online Reinforcement Learning" (BAQ).
+# BAQ on IQL in one file: offline IQL pretraining, the behavior-cloning reference pi_BC, and Behavior Adaption
+# Q-learning fine-tuning online. Paper: "From Static to Dynamic: Leveraging Implicit Behavioral Models to
+# Facilitate Transition in Offline-to-Online Reinforcement Learning" (BAQ).
 #
 # Where the paper's equations live:
 #   Eq. 2         pi_BC's negative log-likelihood ......... train_bc
@@ -129,8 +128,7 @@ def train_bc(observations, actions, max_action: float, args: Args, writer):
         optimizer.step()
         loss_sum += loss.detach()
         if step % args.log_every == 0 or step == args.bc_steps:
-            count = step % args.log_every or args.log_every
-            writer.add_scalar("bc/loss", (loss_sum / count).item(), step)
+            writer.add_scalar("bc/loss", (loss_sum / (step % args.log_every or args.log_every)).item(), step)
             writer.add_scalar("bc/mse", bc_divergence(bc_policy, observations[idx], actions[idx]).mean().item(), step)
             writer.add_scalar("bc/SPS", int(step / (time.time() - start)), step)
             loss_sum.zero_()
@@ -296,8 +294,7 @@ class Agent(IQL):
     @torch.no_grad()
     def q_disagreement(self, obs, actions):
         """delta = |Q1 - Q2|(s, a): how much the twin critics disagree, the constraint's uncertainty signal."""
-        qs = self.qf(obs, actions)
-        return (qs[0] - qs[1]).abs()
+        return torch.sub(*self.qf(obs, actions)).abs()
 
     def behavior_constraint(self, obs, policy_actions, bc_actions, coef, scale):
         """The later paper's term, as we read it: lambda_t E_s[u(s) mean((pi(s) - pi_BC(s))^2)], and the mean gate u;
@@ -357,11 +354,6 @@ class ReplayBuffer:
 
 
 # ===== Evaluation and logging: the D4RL normalized score, the Q bias, averaged metrics =======================
-def normalized_score(episode_return, ref_scores):
-    """D4RL normalized score: 100 * (R - R_random) / (R_expert - R_random)."""
-    return 100.0 * (np.asarray(episode_return) - ref_scores[0]) / (ref_scores[1] - ref_scores[0])
-
-
 @torch.no_grad()
 def evaluate(agent, env, normalize, episodes: int, seed: int, gamma: float, reward_scale: float, device):
     """Deterministic episodes' returns and the Q bias: mean of min_i Q_i(s_t, a_t) / reward_scale - return-to-go."""
@@ -384,8 +376,8 @@ def evaluate(agent, env, normalize, episodes: int, seed: int, gamma: float, rewa
 
 def log_evaluation(writer, prefix: str, step: int, ref_scores, returns, q_bias: float):
     scores = {"return": returns.mean(), "q_bias": q_bias}
-    if ref_scores is not None:
-        scores["normalized_score"] = normalized_score(returns.mean(), ref_scores)
+    if ref_scores is not None:  # D4RL's: 100 (R - R_random) / (R_expert - R_random)
+        scores["normalized_score"] = 100.0 * (returns.mean() - ref_scores[0]) / (ref_scores[1] - ref_scores[0])
     for name, value in scores.items():
         writer.add_scalar(f"{prefix}eval/{name}", value, step)
     shown = ", ".join(f"{name} {value:.1f}" for name, value in scores.items())
@@ -513,7 +505,7 @@ def main(args: Args):
     obs, _ = env.reset(seed=args.seed)
     loss_tags = [f"losses/{name}" for name in Agent.METRICS]
     loss_tags += ["baq/constraint_loss", "baq/uncertainty_mean"] if args.behavior_constraint else []
-    metric_sum, start = None, time.time()
+    metric_sum, start = 0, time.time()
     for step in tqdm(range(args.online_steps), f"online {args.exp_name}", unit="step", mininterval=10):
         if step % args.eval_every == 0:
             run_evaluation("", step)
@@ -543,12 +535,11 @@ def main(args: Args):
                   "baq/online_weight_share": (weights * online).sum() / weights.sum()}  # of the weighted loss
         if args.behavior_constraint:
             logged.update({"baq/constraint_coef": coef, "baq/confident_transitions": confident})
-        values = torch.stack(list(logged.values()))
-        metric_sum = values if metric_sum is None else metric_sum + values
+        metric_sum = metric_sum + torch.stack(list(logged.values()))
         if (step + 1) % args.log_every == 0 or step + 1 == args.online_steps:
             log_metrics(writer, "", logged, metric_sum, (step + 1) % args.log_every or args.log_every, step + 1)
             writer.add_scalar("charts/SPS", int((step + 1) / (time.time() - start)), step + 1)
-            metric_sum = None
+            metric_sum = 0
     run_evaluation("", args.online_steps)
     writer.close()  # before final.pt: a run with a final.pt has its whole curve on disk
 

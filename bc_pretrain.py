@@ -76,8 +76,7 @@ def train_bc(observations, actions, max_action: float, args: Args, writer):
         optimizer.step()
         loss_sum += loss.detach()
         if step % args.log_every == 0 or step == args.bc_steps:
-            count = step % args.log_every or args.log_every
-            writer.add_scalar("bc/loss", (loss_sum / count).item(), step)
+            writer.add_scalar("bc/loss", (loss_sum / (step % args.log_every or args.log_every)).item(), step)
             writer.add_scalar("bc/mse", bc_divergence(bc_policy, observations[idx], actions[idx]).mean().item(), step)
             writer.add_scalar("bc/SPS", int(step / (time.time() - start)), step)
             loss_sum.zero_()

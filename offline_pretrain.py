@@ -352,11 +352,6 @@ AGENTS = {"iql": IQL, "cql": CQL}
 
 
 # ===== Evaluation and logging: the D4RL normalized score, the Q bias, averaged metrics =======================
-def normalized_score(episode_return, ref_scores):
-    """D4RL normalized score: 100 * (R - R_random) / (R_expert - R_random)."""
-    return 100.0 * (np.asarray(episode_return) - ref_scores[0]) / (ref_scores[1] - ref_scores[0])
-
-
 @torch.no_grad()
 def evaluate(agent, env, normalize, episodes: int, seed: int, gamma: float, reward_scale: float, device):
     """Deterministic episodes' returns and the Q bias: mean of min_i Q_i(s_t, a_t) / reward_scale - return-to-go."""
@@ -379,8 +374,8 @@ def evaluate(agent, env, normalize, episodes: int, seed: int, gamma: float, rewa
 
 def log_evaluation(writer, prefix: str, step: int, ref_scores, returns, q_bias: float):
     scores = {"return": returns.mean(), "q_bias": q_bias}
-    if ref_scores is not None:
-        scores["normalized_score"] = normalized_score(returns.mean(), ref_scores)
+    if ref_scores is not None:  # D4RL's: 100 (R - R_random) / (R_expert - R_random)
+        scores["normalized_score"] = 100.0 * (returns.mean() - ref_scores[0]) / (ref_scores[1] - ref_scores[0])
     for name, value in scores.items():
         writer.add_scalar(f"{prefix}eval/{name}", value, step)
     shown = ", ".join(f"{name} {value:.1f}" for name, value in scores.items())

@@ -58,11 +58,22 @@ def test_episodes_become_transitions_with_truncations_bootstrapped(script):
 
 
 def test_normalized_score_uses_d4rl_constants(script):
+    """D4RL's 100 (R - R_random) / (R_expert - R_random), as each script logs it: 0, 100 and 50 by hand."""
     ref = script.D4RL_REF_SCORES["hopper"]
     assert ref == (-20.272305, 3234.3)
-    assert script.normalized_score(ref[0], ref) == pytest.approx(0.0)
-    assert script.normalized_score(ref[1], ref) == pytest.approx(100.0)
-    assert script.normalized_score(1607.0137, ref) == pytest.approx(50.0, abs=1e-4)
+
+    def logged_score(episode_return):
+        if not hasattr(script, "log_evaluation"):  # bc_pretrain logs its one evaluation itself
+            return script.normalized_score(episode_return, ref)
+        logged = {}
+        writer = SimpleNamespace(add_scalar=lambda tag, value, step: logged.setdefault(tag, value))
+        script.log_evaluation(writer, "offline/", 7, ref, np.array([episode_return]), q_bias=0.0)
+        assert set(logged) == {"offline/eval/return", "offline/eval/q_bias", "offline/eval/normalized_score"}
+        return logged["offline/eval/normalized_score"]
+
+    assert logged_score(ref[0]) == pytest.approx(0.0)
+    assert logged_score(ref[1]) == pytest.approx(100.0)
+    assert logged_score(1607.0137) == pytest.approx(50.0, abs=1e-4)
 
 
 def test_loaded_dataset_matches_the_fixture(script, minari_store):
