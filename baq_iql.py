@@ -287,8 +287,7 @@ class IQL(ActorCritic):
 class Agent(IQL):
     """IQL plus what fine-tuning adds: its online setting, and the adaptive behavior constraint's term when passed."""
 
-    def start_online(self):
-        """The offline cosine schedule ends with the offline phase: a constant actor lr online."""
+    def start_online(self):  # the cosine schedule ends with the offline phase: a constant actor lr online
         self.set_actor_lr(self.args.actor_lr)
 
     @torch.no_grad()
@@ -329,10 +328,8 @@ class ReplayBuffer:
         self.generator = torch.Generator(device).manual_seed(seed)
 
     def add(self, obs, actions, rewards, next_obs, terminals, weights=1.0, priorities=1.0):
-        n, start = len(rewards), self.size
-        if start + n > self.capacity:  # a slice past the end would broadcast the rows away silently
-            raise ValueError(f"replay buffer overflow: {start} + {n} > capacity {self.capacity}")
-        end = start + n
+        start, end = self.size, self.size + len(rewards)
+        assert end <= self.capacity, f"replay buffer overflow: {end} rows, capacity {self.capacity}"
         for column, value in ((self.observations, obs), (self.actions, actions), (self.rewards, rewards),
                               (self.next_observations, next_obs), (self.terminals, terminals),
                               (self.weights, weights), (self.priorities, priorities)):
@@ -426,28 +423,23 @@ def main(args: Args):
     agent = Agent(obs_dim, act_dim, max_action, args).to(device)
     eval_env = make_env(eval_env=True)
 
-    last_evaluation = {}  # the offline phase's last one is online step 0's: the same policy and episodes
-
     def run_evaluation(prefix: str, step: int):
-        if not (prefix == "" and step == 0 and last_evaluation):
-            last_evaluation.update(zip(("returns", "q_bias"), evaluate(
-                agent, eval_env, normalize, args.eval_episodes, args.seed + 10_000, args.gamma, reward_scale, device)))
-        log_evaluation(writer, prefix, step, ref_scores, last_evaluation["returns"], last_evaluation["q_bias"])
+        returns, q_bias = evaluate(agent, eval_env, normalize, args.eval_episodes, args.seed + 10_000, args.gamma,
+                                   reward_scale, device)
+        log_evaluation(writer, prefix, step, ref_scores, returns, q_bias)
 
     # --- offline pretraining ------------------------------------------------------------------
     if offline_checkpoint:
         agent.load_pretrained(offline_checkpoint["state_dict"])
-        print(f"offline phase skipped: loaded {args.offline_checkpoint}")
     else:
         metric_sum, start = torch.zeros(len(Agent.METRICS), device=device), time.time()
-        unit_weights = torch.ones(args.batch_size, device=device)  # offline, w = 1: plain IQL
         sampler = torch.Generator(device).manual_seed(args.seed)  # uniform batches of the offline data
         for step in tqdm(range(1, args.offline_steps + 1), f"offline {ALGORITHM.upper()}", unit="update",
                          mininterval=10):
             # cosine decay of the actor lr, ending with the offline phase
             agent.set_actor_lr(args.actor_lr * 0.5 * (1.0 + math.cos(math.pi * (step - 1) / args.offline_steps)))
             idx = torch.randint(0, n_offline, (args.batch_size,), device=device, generator=sampler)
-            metric_sum += agent.update([column[idx] for column in offline], unit_weights)
+            metric_sum += agent.update([column[idx] for column in offline], 1.0)  # offline, w = 1: plain IQL
             if step % args.log_every == 0 or step == args.offline_steps:
                 count = step % args.log_every or args.log_every
                 log_metrics(writer, "offline/losses/", Agent.METRICS, metric_sum, count, step)
@@ -463,7 +455,6 @@ def main(args: Args):
     if bc_checkpoint:
         bc_policy = GaussianPolicy(obs_dim, act_dim, args.hidden_dim, max_action).to(device)
         bc_policy.load_state_dict(bc_checkpoint["state_dict"])
-        print(f"BC phase skipped: loaded {args.bc_checkpoint}")
     else:
         bc_policy = train_bc(offline[0], offline[1], max_action, args, writer)
         save_checkpoint(os.path.join(run_dir, "bc.pt"), "bc", "bc", bc_policy.state_dict(), context, args)
@@ -484,9 +475,8 @@ def main(args: Args):
     buffer.add(*offline, offline_w, offline_rho)  # online transitions follow them
     del offline
     reading = "every transition's (--offline-priorities)" if args.offline_priorities else "new transitions' only"
-    summary = (f"k_q {kq:.4g}, k_rho {krho:.4g}, alpha {args.priority_alpha}, Eq. 10 priorities: {reading}; "
-               f"offline data: w mean {offline_w.mean():.3f} (min {offline_w.min():.3f}), "
-               f"rho mean {offline_rho.mean():.3f} (max {offline_rho.max():.3f})")
+    summary = (f"k_q {kq:.4g}, k_rho {krho:.4g}, Eq. 10 priorities: {reading}; offline w mean {offline_w.mean():.3f} "
+               f"(min {offline_w.min():.3f}), rho mean {offline_rho.mean():.3f} (max {offline_rho.max():.3f})")
     print(f"BAQ: {summary}")
     writer.add_text("baq", summary)
 
@@ -496,8 +486,7 @@ def main(args: Args):
         states = buffer.observations[torch.randperm(n_offline, device=device, generator=generator)[:65536]]
         delta_0 = agent.q_disagreement(states, agent.act(states, deterministic=True)).mean()
         scale, confident = delta_0.clamp(min=1e-6), torch.zeros((), device=device)
-        print(f"behavior constraint: lambda_0 {args.constraint_coef}, n_half {args.constraint_half_life}, "
-              f"delta_0 {delta_0.item():.4g} (|Q1 - Q2| at pi(s), mean over {len(states)} offline states)")
+        print(f"behavior constraint: delta_0 {delta_0.item():.4g}, mean |Q1 - Q2| at pi(s) over {len(states)} states")
 
     # --- online fine-tuning -------------------------------------------------------------------
     torch.manual_seed(args.seed + 2)  # the same online phase whether the earlier phases ran or were loaded
@@ -523,18 +512,17 @@ def main(args: Args):
 
         idx, batch = buffer.sample(args.batch_size, prioritized=args.priority_sampling)  # Eq. 10: P_i ~ rho_i
         weights, online = buffer.weights[idx], idx >= n_offline
-        constraint = None
+        constraint, constraint_tags = None, {}
         if args.behavior_constraint:  # n_conf counts this transition when the critics agree at pi(s)
             confident += (agent.q_disagreement(state, agent.act(state, deterministic=True)) < delta_0).sum()
             coef = args.constraint_coef / (1.0 + confident / args.constraint_half_life)  # lambda_t
             constraint = (bc_policy(batch[0]), coef, scale)
+            constraint_tags = {"baq/constraint_coef": coef, "baq/confident_transitions": confident}
         metrics = agent.update(batch, weights, constraint)  # Eqs. 8, 9: the critic losses weighted by w
         logged = {**dict(zip(loss_tags, metrics)),
                   "baq/w_mean": weights.mean(), "baq/rho_mean": buffer.priorities[idx].mean(),
-                  "baq/online_fraction": online.float().mean(),
+                  "baq/online_fraction": online.float().mean(), **constraint_tags,
                   "baq/online_weight_share": (weights * online).sum() / weights.sum()}  # of the weighted loss
-        if args.behavior_constraint:
-            logged.update({"baq/constraint_coef": coef, "baq/confident_transitions": confident})
         metric_sum = metric_sum + torch.stack(list(logged.values()))
         if (step + 1) % args.log_every == 0 or step + 1 == args.online_steps:
             log_metrics(writer, "", logged, metric_sum, (step + 1) % args.log_every or args.log_every, step + 1)

@@ -103,5 +103,5 @@ def test_uniform_sampling_ignores_priorities(script):
 
 def test_buffer_refuses_overflow(script):
     buffer = make_buffer(script, [1.0, 1.0], capacity=2)
-    with pytest.raises(ValueError, match="overflow"):
+    with pytest.raises(AssertionError, match="overflow"):
         buffer.add(np.zeros((1, 1)), np.zeros((1, 1)), [0.0], np.zeros((1, 1)), [0.0], [1.0], [1.0])

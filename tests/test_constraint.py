@@ -81,7 +81,7 @@ def test_a_run_with_the_constraint_logs_its_terms(run_script, tmp_path, name):
                                  "--log-every", "1")
     assert result.returncode == 0, result.stderr
     lambda_0 = importlib.import_module(name).Args().constraint_coef  # each script's measured default
-    assert f"behavior constraint: lambda_0 {lambda_0}, n_half 1, delta_0" in result.stdout
+    assert "behavior constraint: delta_0 " in result.stdout and " at pi(s) over " in result.stdout
     assert run_dir.name.split("__")[1] == f"{name}-adaptive"
     scalars = read_scalars(run_dir)
     for tag in ("baq/constraint_coef", "baq/constraint_loss", "baq/uncertainty_mean", "baq/confident_transitions"):

@@ -108,8 +108,8 @@ def test_the_hyperparameters_table_lists_every_flag(offline_run):
     assert table.splitlines()[2:] == [f"|{key}|{value}|" for key, value in checkpoint["args"].items()]
 
 
-def test_the_offline_phase_last_evaluation_is_online_step_0(minari_store, tmp_path, monkeypatch):
-    """Evaluated once: offline updates 30 and 60, online steps 0 (the offline one's), 30, 60 and 70."""
+def test_evaluations_at_their_steps(minari_store, tmp_path, monkeypatch):
+    """Offline updates 30 and 60, online steps 0, 30, 60 and 70: one evaluation each."""
     script = importlib.import_module("baq_iql")
     calls = []
     monkeypatch.setattr(script, "evaluate", lambda *a, **k: calls.append(1) or (torch.ones(2).numpy(), 0.0))
@@ -117,7 +117,7 @@ def test_the_offline_phase_last_evaluation_is_online_step_0(minari_store, tmp_pa
                                       str(tmp_path / "runs"), *TINY_FLAGS])
     script.main(script.tyro.cli(script.Args))
     scalars = read_scalars(next((tmp_path / "runs").iterdir()))
-    assert [step for step, _ in scalars["eval/return"]] == [0, 30, 60, 70] and len(calls) == 5
+    assert [step for step, _ in scalars["eval/return"]] == [0, 30, 60, 70] and len(calls) == 6
     assert [step for step, _ in scalars["offline/eval/return"]] == [30, 60]
 
 

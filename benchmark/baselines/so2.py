@@ -358,13 +358,12 @@ class UniformReplayBuffer:
         self.generator = torch.Generator(device).manual_seed(seed)
 
     def add(self, obs, actions, rewards, next_obs, terminals):
-        n, start = len(rewards), self.size
-        if start + n > self.capacity:  # a slice past the end would broadcast the rows away silently
-            raise ValueError(f"replay buffer overflow: {start} + {n} > capacity {self.capacity}")
+        start, end = self.size, self.size + len(rewards)
+        assert end <= self.capacity, f"replay buffer overflow: {end} rows, capacity {self.capacity}"
         for column, value in ((self.observations, obs), (self.actions, actions), (self.rewards, rewards),
                               (self.next_observations, next_obs), (self.terminals, terminals)):
-            column[start:start + n] = torch.as_tensor(value, dtype=torch.float32, device=self.device)
-        self.size = start + n
+            column[start:end] = torch.as_tensor(value, dtype=torch.float32, device=self.device)
+        self.size = end
 
     def sample(self, batch_size: int):
         """(s, a, r, s', terminal) of a uniform batch."""
