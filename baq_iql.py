@@ -432,14 +432,14 @@ def main(args: Args):
     if offline_checkpoint:
         agent.load_pretrained(offline_checkpoint["state_dict"])
     else:
-        metric_sum, start = torch.zeros(len(Agent.METRICS), device=device), time.time()
+        metric_sum, start, unit_weights = 0, time.time(), torch.ones(args.batch_size, device=device)
         sampler = torch.Generator(device).manual_seed(args.seed)  # uniform batches of the offline data
         for step in tqdm(range(1, args.offline_steps + 1), f"offline {ALGORITHM.upper()}", unit="update",
                          mininterval=10):
             # cosine decay of the actor lr, ending with the offline phase
             agent.set_actor_lr(args.actor_lr * 0.5 * (1.0 + math.cos(math.pi * (step - 1) / args.offline_steps)))
             idx = torch.randint(0, n_offline, (args.batch_size,), device=device, generator=sampler)
-            metric_sum += agent.update([column[idx] for column in offline], 1.0)  # offline, w = 1: plain IQL
+            metric_sum += agent.update([column[idx] for column in offline], unit_weights)  # w = 1: plain IQL
             if step % args.log_every == 0 or step == args.offline_steps:
                 count = step % args.log_every or args.log_every
                 log_metrics(writer, "offline/losses/", Agent.METRICS, metric_sum, count, step)

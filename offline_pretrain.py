@@ -444,14 +444,14 @@ def main(args: Args):
         agent.load_pretrained(resume["state_dict"])
         metric_sum.copy_(resume["metric_sum"])
         restore_random_state(resume["rng"], sampler, device)
-    start = time.time()
+    unit_weights, start = torch.ones(args.batch_size, device=device), time.time()
     steps = tqdm(range(start_step + 1, args.offline_steps + 1), f"offline {args.algo.upper()}", unit="update",
                  mininterval=10)
     for step in steps:
         if args.algo == "iql":  # cosine decay of the actor lr, ending with the offline phase
             agent.set_actor_lr(args.actor_lr * 0.5 * (1.0 + math.cos(math.pi * (step - 1) / args.offline_steps)))
         idx = torch.randint(0, n_offline, (args.batch_size,), device=device, generator=sampler)
-        metric_sum += agent.update([column[idx] for column in offline], 1.0)  # offline, w = 1
+        metric_sum += agent.update([column[idx] for column in offline], unit_weights)
         if step % args.log_every == 0 or step == args.offline_steps:
             count = step % args.log_every or args.log_every
             log_metrics(writer, "offline/losses/", agent.METRICS, metric_sum, count, step)
