@@ -210,8 +210,8 @@ def test_a_checkpoint_older_than_the_obs_norm_eps_key_is_checked_by_its_flag(ful
     older = load(first_dir / "bc.pt")
     del older["obs_norm_eps"]
     torch.save(older, tmp_path / "bc.pt")
-    accepted, _ = run_script(script, tmp_path / "accepted", "--bc-checkpoint", str(tmp_path / "bc.pt"))
-    assert accepted.returncode == 0 and "pi_BC (Eq. 2)" not in accepted.stderr, accepted.stderr
+    accepted, accepted_dir = run_script(script, tmp_path / "accepted", "--bc-checkpoint", str(tmp_path / "bc.pt"))
+    assert accepted.returncode == 0 and not (accepted_dir / "bc.pt").exists(), accepted.stderr  # pi_BC loaded
     refused, run_dir = run_script(script, tmp_path / "refused", "--bc-checkpoint", str(tmp_path / "bc.pt"),
                                   "--obs-norm-eps", "0.5")
     assert refused.returncode != 0 and run_dir is None
