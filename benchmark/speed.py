@@ -64,9 +64,10 @@ def synthetic_data(args: Args):
     return obs, actions, generator.standard_normal(n), np.roll(obs, -1, 0), np.zeros(n)
 
 
-def filled_buffer(script, args: Args, device):
-    buffer = script.ReplayBuffer(args.offline_size + ONLINE_CAPACITY, args.obs_dim, args.act_dim, device, seed=0)
-    buffer.add(*synthetic_data(args), np.ones(args.offline_size), np.ones(args.offline_size))
+def filled_buffer(buffer_class, args: Args, device):
+    """A buffer of that class holding the synthetic offline data (w = rho = 1 in a buffer that has them)."""
+    buffer = buffer_class(args.offline_size + ONLINE_CAPACITY, args.obs_dim, args.act_dim, device, 0)
+    buffer.add(*synthetic_data(args))
     return buffer
 
 
@@ -91,7 +92,7 @@ def measure(script, args: Args, device, compile: bool):
     """{phase: updates per second} for one script."""
     torch.manual_seed(0)
     script_args = script.Args(compile=compile, batch_size=256)
-    buffer = filled_buffer(script, args, device)
+    buffer = filled_buffer(script.ReplayBuffer, args, device)
     agent = script.Agent(args.obs_dim, args.act_dim, 1.0, script_args).to(device)
     unit_weights = torch.ones(256, device=device)
     results = {"offline": rate(lambda: agent.update(buffer.sample(256)[1], unit_weights), args, device)}
@@ -155,8 +156,7 @@ def measure_baseline(name: str, args: Args, device, compile: bool) -> float:
         args.obs_dim, args.act_dim, 1.0, script_args).to(device)
     transition = torch.randn(1, args.obs_dim, device=device)
     if method == "off2on":
-        buffer = script.BalancedReplayBuffer(args.offline_size + ONLINE_CAPACITY, args.obs_dim, args.act_dim, device, 0)
-        buffer.add(*synthetic_data(args))
+        buffer = filled_buffer(script.BalancedReplayBuffer, args, device)
         density = script.DensityRatio(args.obs_dim, args.act_dim, 256).to(device)
         density_optimizer = torch.optim.Adam(density.parameters(), lr=3e-4)
 
@@ -174,8 +174,7 @@ def measure_baseline(name: str, args: Args, device, compile: bool) -> float:
             with torch.no_grad():
                 buffer.set_priorities(idx, script.off2on_priorities(density(batch[0], batch[1]), offline_w, 5.0))
     else:
-        buffer = script.UniformReplayBuffer(args.offline_size + ONLINE_CAPACITY, args.obs_dim, args.act_dim, device, 0)
-        buffer.add(*synthetic_data(args))
+        buffer = filled_buffer(script.UniformReplayBuffer, args, device)
         actor_updates = 1 if method == "so2" else script_args.critic_updates // script_args.actor_delay
 
         def online_step():

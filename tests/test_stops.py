@@ -57,15 +57,15 @@ def test_ctrl_c_in_offline_pretraining_says_how_to_resume(minari_store, tmp_path
     assert "offline IQL" in stderr  # the progress bar
 
 
-@pytest.mark.parametrize("path", ["offline_pretrain.py", "benchmark/baselines/so2.py", "benchmark/baselines/suf.py"])
-def test_ctrl_c_once_the_final_checkpoint_is_written_names_no_resume(path, monkeypatch, capsys):
+@pytest.mark.parametrize("name", ["offline_pretrain", "so2", "suf"])
+def test_ctrl_c_once_the_final_checkpoint_is_written_names_no_resume(name, monkeypatch, capsys):
     """After the last resume.pt the run may still write its final checkpoint: then it has finished."""
-    import importlib.util
+    import importlib
 
-    spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3] + "_stop", ROOT / path)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    final = "offline" if path == "offline_pretrain.py" else "final"
+    from test_baselines import baseline
+
+    script = importlib.import_module(name) if name == "offline_pretrain" else baseline(name)
+    final = "offline" if name == "offline_pretrain" else "final"
     for saved, expected in (({"r/resume.pt": "resume"}, "--resume r/resume.pt"),
                             ({"r/resume.pt": "resume", f"r/{final}.pt": final}, "; the run had finished.")):
         monkeypatch.setattr(script, "SAVED", saved)
